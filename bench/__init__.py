@@ -1,0 +1,1 @@
+"""Benchmarks and the trace replay: kernel microbenchmarks, arena costs, memory policies."""
