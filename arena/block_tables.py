@@ -1,0 +1,140 @@
+"""Block tables: per-sequence lists of block ids on the host, mirrored in a device int32 table.
+
+Kernels read the device table (``[max_seqs, max_blocks_per_seq]``, padding -1); compaction
+rewrites it in place on the device and the host mirror with the same remap. Sequences are
+opaque integer keys: the arena knows no requests.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+PAD = -1
+
+
+class BlockTables:
+    """Host table (numpy) + device mirror (torch int32) for up to ``max_seqs`` sequences."""
+
+    def __init__(self, max_seqs: int, max_blocks_per_seq: int, device: torch.device):
+        if max_seqs < 1:
+            raise ValueError(f"max_seqs must be >= 1, got {max_seqs}")
+        if max_blocks_per_seq < 1:
+            raise ValueError(f"max_blocks_per_seq must be >= 1, got {max_blocks_per_seq}")
+        self.max_seqs = int(max_seqs)
+        self.max_blocks_per_seq = int(max_blocks_per_seq)
+        self.device = torch.device(device)
+        self.host = np.full((self.max_seqs, self.max_blocks_per_seq), PAD, dtype=np.int32)
+        self.lengths = np.zeros(self.max_seqs, dtype=np.int64)
+        self._rows: dict[int, int] = {}
+        self._free_rows = list(range(self.max_seqs - 1, -1, -1))
+        if self.device.type == "cpu":
+            # Same memory: the "device" table is the host table, always in sync.
+            self._device = torch.from_numpy(self.host)
+            self._dirty: set[int] | None = None
+        else:
+            self._device = torch.full((self.max_seqs, self.max_blocks_per_seq), PAD,
+                                      dtype=torch.int32, device=self.device)
+            self._dirty = set()
+
+    def __contains__(self, seq_id) -> bool:
+        return seq_id in self._rows
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def _row_of(self, seq_id) -> int:
+        try:
+            return self._rows[seq_id]
+        except KeyError:
+            raise KeyError(f"seq_id {seq_id!r} has no block table") from None
+
+    def _touch(self, row: int) -> None:
+        if self._dirty is not None:
+            self._dirty.add(row)
+
+    def add(self, seq_id: int) -> int:
+        """Register ``seq_id`` with an empty table; returns its row in :attr:`device_table`."""
+        if seq_id in self._rows:
+            raise ValueError(f"seq_id {seq_id!r} already has a block table")
+        if not self._free_rows:
+            raise ValueError(f"block tables are full: max_seqs={self.max_seqs}")
+        row = self._free_rows.pop()
+        self._rows[seq_id] = row
+        return row
+
+    def append(self, seq_id: int, block_ids) -> None:
+        """Append ``block_ids`` (int array-like) to ``seq_id``'s table."""
+        row = self._row_of(seq_id)
+        ids = np.asarray(block_ids, dtype=np.int64).reshape(-1)
+        n, start = ids.size, int(self.lengths[row])
+        if start + n > self.max_blocks_per_seq:
+            raise ValueError(f"block_ids would grow seq_id {seq_id!r} to {start + n} blocks, "
+                             f"above max_blocks_per_seq={self.max_blocks_per_seq}")
+        if n and (ids.min() < 0 or ids.max() > np.iinfo(np.int32).max):
+            raise ValueError("block_ids must be non-negative int32 values")
+        self.host[row, start:start + n] = ids
+        self.lengths[row] = start + n
+        self._touch(row)
+
+    def truncate(self, seq_id: int, num_blocks: int) -> np.ndarray:
+        """Keep the first ``num_blocks`` entries; returns the ids dropped (int64)."""
+        row = self._row_of(seq_id)
+        length = int(self.lengths[row])
+        if not 0 <= num_blocks <= length:
+            raise ValueError(f"num_blocks must be in [0, {length}], got {num_blocks}")
+        dropped = self.host[row, num_blocks:length].astype(np.int64)
+        self.host[row, num_blocks:length] = PAD
+        self.lengths[row] = num_blocks
+        self._touch(row)
+        return dropped
+
+    def blocks(self, seq_id: int) -> np.ndarray:
+        """``seq_id``'s block ids now (int64 copy), after any compaction."""
+        row = self._row_of(seq_id)
+        return self.host[row, :self.lengths[row]].astype(np.int64)
+
+    def remove(self, seq_id: int) -> np.ndarray:
+        """Forget ``seq_id``; returns its block ids (the blocks themselves are not freed)."""
+        ids = self.blocks(seq_id)
+        row = self._rows.pop(seq_id)
+        self.host[row, :] = PAD
+        self.lengths[row] = 0
+        self._touch(row)
+        self._free_rows.append(row)
+        return ids
+
+    def row(self, seq_id: int) -> int:
+        """Row of ``seq_id`` in :attr:`device_table`."""
+        return self._row_of(seq_id)
+
+    def rows(self, seq_ids) -> np.ndarray:
+        """Rows of several sequences, int32 ``[len(seq_ids)]``."""
+        return np.fromiter((self._row_of(s) for s in seq_ids), dtype=np.int32)
+
+    @property
+    def device_table(self) -> torch.Tensor:
+        """Device int32 table ``[max_seqs, max_blocks_per_seq]``, synced from the host first
+        (only rows changed since the last sync are copied)."""
+        self.sync()
+        return self._device
+
+    def sync(self) -> None:
+        """Copy host rows changed since the last sync to the device table."""
+        if not self._dirty:
+            return
+        rows = np.fromiter(sorted(self._dirty), dtype=np.int64)
+        idx = torch.from_numpy(rows).to(self.device, non_blocking=True)
+        src = torch.from_numpy(self.host[rows]).to(self.device, non_blocking=True)
+        self._device.index_copy_(0, idx, src)
+        self._dirty.clear()
+
+    def remap_host(self, src: np.ndarray, dst: np.ndarray, num_blocks: int) -> None:
+        """Apply the compaction remap (``src[k]`` -> ``dst[k]``) to the host mirror. On a CPU
+        arena the kernel already rewrote this memory; applying it again changes nothing,
+        because src and dst are disjoint."""
+        if src.size == 0 or self._dirty is None:
+            return
+        remap = np.arange(num_blocks, dtype=np.int32)
+        remap[src] = dst
+        valid = self.host >= 0
+        self.host[valid] = remap[self.host[valid]]

@@ -1,0 +1,62 @@
+"""Pool: a named lease of blocks over the one arena (e.g. "prefill" and "decode").
+
+A pool holds at most ``lease`` blocks. Its lease is backed by mapped memory (the arena keeps
+``sum of leases <= mapped blocks``), so :meth:`allocate` never maps and never fails for lack
+of memory, only for lack of lease. All state lives in the arena; a pool is a handle.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .paged_arena import PagedArena
+
+
+class Pool:
+    """A lease of blocks. Create through :meth:`PagedArena.pool`."""
+
+    def __init__(self, arena: "PagedArena", name: str, index: int):
+        self._arena = arena
+        self.name = name
+        self.index = index
+        self.lease = 0
+        self.num_owned = 0
+
+    def __repr__(self) -> str:
+        return f"Pool({self.name!r}, lease={self.lease}, owned={self.num_owned})"
+
+    @property
+    def arena(self) -> "PagedArena":
+        """The arena this pool leases from."""
+        return self._arena
+
+    def owned(self) -> np.ndarray:
+        """Sorted int64 ids of the blocks this pool holds now (after any compaction)."""
+        return self._arena._owned_by(self.index)
+
+    def resize(self, target_blocks: int) -> None:
+        """Set the lease to ``target_blocks``, mapping chunks if the arena must grow.
+
+        Raises ValueError when ``target_blocks`` is below the blocks the pool holds, and
+        :class:`ArenaOutOfMemory` (nothing changed) when the device cannot supply it. A
+        smaller lease maps nothing away by itself: :meth:`PagedArena.shrink` does that.
+        """
+        self._arena._resize(self, target_blocks)
+
+    def allocate(self, n: int) -> np.ndarray:
+        """Take the ``n`` lowest free mapped blocks; returns their int64 ids.
+
+        Raises :class:`LeaseExceeded` if ``num_owned + n`` would exceed the lease.
+        """
+        return self._arena._allocate(self, n)
+
+    def free(self, block_ids) -> None:
+        """Give blocks back. Raises :class:`ArenaError` (nothing changed) if any id is not
+        owned by this pool, is repeated, or is out of range."""
+        self._arena._free(self, block_ids)
+
+    def transfer(self, block_ids, other: "Pool") -> None:
+        """Hand blocks (and as many blocks of lease) to ``other``: no byte is copied."""
+        self._arena._transfer(self, block_ids, other)
