@@ -138,6 +138,12 @@ class ArenaMachine(RuleBasedStateMachine):
         live = [b for m in self.model.values() for b in m]
         assert all(b < self.arena.mapped_blocks for b in live)
 
+    @rule(pool=st.sampled_from(POOLS), k=st.integers(1, 24))
+    def fragment_and_shrink(self, pool, k):
+        """The window-end pattern: requests at the bottom finish, leases drop, shrink."""
+        self.free_lowest(pool, k)
+        self.shrink(lower=True)
+
     @rule()
     def release_free_chunks(self):
         self.arena.release_free_chunks()
@@ -178,7 +184,9 @@ class ArenaMachine(RuleBasedStateMachine):
 
 
 ArenaMachine.TestCase.settings = settings(
-    max_examples=60, stateful_step_count=40, deadline=None,
+    # Derandomized: CI sees the same 60 programs every run (no flaky failures, and the
+    # guard below can count on them); change the seed via hypothesis' own profiles locally.
+    max_examples=60, stateful_step_count=40, deadline=None, derandomize=True, database=None,
     suppress_health_check=[HealthCheck.too_slow])
 TestArenaModel = ArenaMachine.TestCase
 
@@ -186,4 +194,4 @@ TestArenaModel = ArenaMachine.TestCase
 def test_the_machine_really_compacts():
     """Guards the test itself: most examples above must have moved blocks."""
     TestArenaModel("runTest").runTest()
-    assert sum(m > 0 for m in MOVES) >= 3, MOVES
+    assert sum(m > 0 for m in MOVES) >= len(MOVES) // 4, MOVES
