@@ -43,8 +43,9 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     k = k.to(acc_dtype).repeat_interleave(group, dim=1)  # [L, H, D]
     v = v.to(acc_dtype).repeat_interleave(group, dim=1)
     s = torch.einsum("qhd,khd->hqk", q.to(acc_dtype), k) * scale
-    rows = torch.arange(nq).unsqueeze(1) + first_visible
-    cols = torch.arange(k.shape[0]).unsqueeze(0)
+    # On q's device: a CPU mask cannot fill a CUDA tensor.
+    rows = torch.arange(nq, device=q.device).unsqueeze(1) + first_visible
+    cols = torch.arange(k.shape[0], device=q.device).unsqueeze(0)
     s = s.masked_fill((cols > rows).unsqueeze(0), float("-inf"))
     p = torch.softmax(s, dim=-1)
     return torch.einsum("hqk,khd->qhd", p, v)
