@@ -1,0 +1,22 @@
+"""The window scheduler: durations, remaining lengths, window plans, and the engine loop.
+
+Layering: the scheduler calls the arena's API only (pools, block tables, shrink, swap);
+it never touches device pointers. See :mod:`scheduler.planner` for the planner (plain data
+in, plain data out) and :mod:`scheduler.loop` for the loop that carries plans out.
+"""
+from .costs import ArenaOp, ModeledGPUCost, wall_clock_cost
+from .latency import DEVICES, MODELS, DeviceSpec, LatencyModel, ModelShape
+from .loop import Batch, EngineLoop, LoopConfig, latency_step
+from .metrics import Counters, Metrics, RequestRecord, Timeline
+from .planner import ArenaState, Demand, Plan, PlannerConfig, WindowPlanner
+from .policies import PreemptionMode, VICTIM_POLICIES
+from .predictor import (EmpiricalPredictor, MaxTokensPredictor, OraclePredictor, PREDICTORS,
+                        make_predictor)
+from .request import Phase, Request, RequestSet
+
+__all__ = ["ArenaOp", "ModeledGPUCost", "wall_clock_cost", "DEVICES", "MODELS", "DeviceSpec",
+           "LatencyModel", "ModelShape", "Batch", "EngineLoop", "LoopConfig", "latency_step",
+           "Counters", "Metrics", "RequestRecord", "Timeline", "ArenaState", "Demand", "Plan",
+           "PlannerConfig", "WindowPlanner", "PreemptionMode", "VICTIM_POLICIES",
+           "EmpiricalPredictor", "MaxTokensPredictor", "OraclePredictor", "PREDICTORS",
+           "make_predictor", "Phase", "Request", "RequestSet"]

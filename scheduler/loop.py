@@ -1,0 +1,657 @@
+"""The engine loop: two queues, admission, batches, hand-off, and memory by policy.
+
+:class:`EngineLoop` owns the prefill and decode queues of one :class:`arena.PagedArena`:
+
+* requests are submitted with an arrival time and arrive on the loop's clock;
+* each step forms a batch under a token budget — every decode request one token (oldest
+  admission first), then prompt chunks (chunked prefill) with what is left — hands it to
+  the model step callable as a :class:`Batch`, and advances the clock by the duration it
+  returns plus the cost of the arena operations made on the way (:mod:`scheduler.costs`);
+* a request whose prompt is done produces its first token and moves to the decode pool by
+  ``Pool.transfer`` (no byte copied); it finishes after ``min(output_tokens, max_tokens)``
+  output tokens;
+* memory follows one of three policies (:mod:`scheduler.memory`): ``static``, ``on-demand``
+  or ``windowed`` (the window planner, :mod:`scheduler.planner`);
+* a request that needs a block its pool's lease does not cover gets it by growing the lease
+  or, failing that, by preempting requests (victim policy; swap to host or recompute).
+  Swapped requests come back with identical KV bytes, recomputed ones are re-prefilled.
+
+Everything the loop does is recorded in :attr:`EngineLoop.metrics` (:mod:`scheduler.metrics`).
+"""
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from .costs import ArenaOp, CostModel, wall_clock_cost
+from .latency import LatencyModel
+from .metrics import (EVENT_END, EVENT_MAP, EVENT_PREEMPT, EVENT_START, EVENT_STEP,
+                      EVENT_UNMAP, Metrics, RequestRecord)
+from .planner import PlannerConfig
+from .policies import PreemptionMode, victim_order
+from .predictor import make_predictor
+from .request import Phase, Request, RequestSet
+
+
+@dataclass
+class Batch:
+    """One model step's work, as plain data.
+
+    Per entry (sequence), arrays of length ``n``: ``req_ids`` int64; ``num_tokens`` int32
+    (tokens processed this step: a prompt chunk, or 1 for decode); ``context_lens`` int32
+    (K/V tokens of the sequence once this step's are written: the ``seq_lens`` of the
+    attention kernels); ``is_prefill`` bool; ``block_table_rows`` int32 (rows of
+    ``arena.tables.device_table``). Per token, arrays of length ``T = num_tokens.sum()``:
+    ``slot_mapping`` int64 (``block_id * block_size + offset`` where the token's K/V go)
+    and ``positions`` int64 (the token's position in its sequence). ``query_start_loc``
+    int32 ``[n + 1]``: cumulative ``num_tokens`` from 0.
+    """
+
+    req_ids: np.ndarray
+    num_tokens: np.ndarray
+    context_lens: np.ndarray
+    is_prefill: np.ndarray
+    block_table_rows: np.ndarray
+    slot_mapping: np.ndarray
+    positions: np.ndarray
+    query_start_loc: np.ndarray
+
+    @property
+    def num_seqs(self) -> int:
+        """Sequences in the batch."""
+        return int(self.req_ids.shape[0])
+
+    def work(self) -> tuple[float, float, float, float]:
+        """The latency model's features of this step: prompt tokens, prompt attention
+        pairs, decode sequences, decode context tokens (see :mod:`scheduler.latency`)."""
+        pre = self.is_prefill
+        t = self.num_tokens[pre].astype(np.float64)
+        ctx = self.context_lens.astype(np.float64)
+        before = ctx[pre] - t
+        pairs = float(np.dot(t, before) + 0.5 * np.dot(t, t + 1.0))
+        dec = ~pre
+        return float(t.sum()), pairs, float(dec.sum()), float(ctx[dec].sum())
+
+
+ModelStep = Callable[[Batch], float]
+
+
+def latency_step(model: LatencyModel) -> ModelStep:
+    """A model step that does no work and reports ``model``'s predicted duration: what
+    benchmarks plug in to replay traces with a modeled GPU. The model used here is
+    independent of the loop's (which learns online)."""
+    if not isinstance(model, LatencyModel):
+        raise TypeError(f"model must be a LatencyModel, got {type(model).__name__}")
+
+    def step(batch: Batch) -> float:
+        return model.predict_step(*batch.work())
+
+    return step
+
+
+MEMORY_POLICIES = ("static", "on-demand", "windowed")
+
+
+@dataclass
+class LoopConfig:
+    """Settings of :class:`EngineLoop`.
+
+    ``memory``: "static", "on-demand" or "windowed". ``predictor``: remaining-length
+    predictor ("max_tokens", "empirical", "oracle" or an object; windowed only).
+    ``token_budget``: tokens per step. ``max_prefill_tokens``: prompt tokens admitted into
+    the batch in flight (default: the token budget; one request is always admitted into an
+    empty one). ``max_running``: sequences admitted at once (default and upper bound: the
+    arena's block-table rows). ``cap_bytes``: the most memory the arena may map (default:
+    its reserved range); it is never exceeded. ``static_bytes``: what ``static`` maps at
+    start (default ``cap_bytes``). ``on_demand_chunks``: chunks ``on-demand`` grows a lease
+    by. ``watermark_fraction``: free share the reactive policies keep when admitting.
+    ``planner``: a :class:`PlannerConfig` for ``windowed`` (its block size, block bytes,
+    token budget, running limit, prefill limit, victim order and preemption mode are set
+    from the loop and this config). ``victim``: victim
+    order name or callable. ``preemption``: "auto", "swap" or "recompute".
+    ``host_bandwidth``: bytes/s of the host link (swap cost estimate). ``observe_latency``:
+    feed step durations to the latency model. ``oversize``: "raise" (ValueError) or
+    "reject" (counted, dropped) for a request whose prompt + max_tokens cannot fit under
+    the cap. ``sample_every``: a timeline sample every that many steps (0: none; samples
+    at windows, maps, unmaps and preemptions are always taken).
+    """
+
+    memory: str = "windowed"
+    predictor: Any = "empirical"
+    token_budget: int = 2048
+    max_prefill_tokens: int | None = None
+    max_running: int | None = None
+    cap_bytes: int | None = None
+    static_bytes: int | None = None
+    on_demand_chunks: int = 1
+    watermark_fraction: float = 0.01
+    planner: PlannerConfig | None = None
+    victim: Any = "most-recent"
+    preemption: str = "auto"
+    host_bandwidth: float = 25e9
+    observe_latency: bool = True
+    oversize: str = "raise"
+    sample_every: int = 1
+
+    def __post_init__(self) -> None:
+        if self.memory not in MEMORY_POLICIES:
+            raise ValueError(f"memory must be one of {MEMORY_POLICIES}, got {self.memory!r}")
+        for name in ("token_budget", "on_demand_chunks"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        for name in ("max_prefill_tokens", "max_running", "cap_bytes", "static_bytes"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer))
+                                  or v < 1):
+                raise ValueError(f"{name} must be a positive int or None, got {v!r}")
+        if not 0 <= self.watermark_fraction < 1:
+            raise ValueError(f"watermark_fraction must be in [0, 1), got "
+                             f"{self.watermark_fraction!r}")
+        if isinstance(self.sample_every, bool) or not isinstance(self.sample_every, int) \
+                or self.sample_every < 0:
+            raise ValueError(f"sample_every must be an int >= 0, got {self.sample_every!r}")
+        if self.oversize not in ("raise", "reject"):
+            raise ValueError(f"oversize must be 'raise' or 'reject', got {self.oversize!r}")
+        if self.planner is not None and not isinstance(self.planner, PlannerConfig):
+            raise TypeError("planner must be a PlannerConfig or None")
+        victim_order(self.victim)
+        PreemptionMode(self.preemption, host_bandwidth=self.host_bandwidth)
+
+
+class EngineLoop:
+    """Runs requests through an arena (see the module docstring).
+
+    Args:
+        arena: a :class:`arena.PagedArena`; the loop uses its pools "prefill" and "decode".
+        step_fn: the model step, ``(Batch) -> seconds``.
+        latency: the :class:`LatencyModel` the planner predicts with (fitted online from
+            the durations ``step_fn`` returns when ``config.observe_latency``).
+        config: a :class:`LoopConfig`.
+        cost_model: ``(ArenaOp) -> seconds`` charged to the clock per arena operation;
+            default the measured wall-clock time.
+        start_s: the clock's start (seconds).
+    """
+
+    def __init__(self, arena, step_fn: ModelStep, latency: LatencyModel,
+                 config: LoopConfig | None = None, *, cost_model: CostModel | None = None,
+                 start_s: float = 0.0) -> None:
+        from arena import PagedArena
+
+        if not isinstance(arena, PagedArena):
+            raise TypeError(f"arena must be a PagedArena, got {type(arena).__name__}")
+        if not callable(step_fn):
+            raise TypeError("step_fn must be callable: (Batch) -> seconds")
+        if not isinstance(latency, LatencyModel):
+            raise TypeError(f"latency must be a LatencyModel, got {type(latency).__name__}")
+        self.config = cfg = config if config is not None else LoopConfig()
+        if not isinstance(cfg, LoopConfig):
+            raise TypeError(f"config must be a LoopConfig, got {type(config).__name__}")
+        self.arena = arena
+        self.spec = arena.spec
+        self.step_fn = step_fn
+        self.latency = latency
+        self.cost_model = cost_model if cost_model is not None else wall_clock_cost
+        self.predictor = make_predictor(cfg.predictor)
+        self.victim = victim_order(cfg.victim)
+        self.preemption = PreemptionMode(cfg.preemption, host_bandwidth=cfg.host_bandwidth)
+        self.pool_prefill = arena.pool("prefill")
+        self.pool_decode = arena.pool("decode")
+        self.block_size = self.spec.block_size
+        self.block_bytes = self.spec.block_bytes
+        bpc = arena.blocks_per_chunk
+        cap = cfg.cap_bytes if cfg.cap_bytes is not None else arena.num_chunks * arena.chunk_bytes
+        #: the most blocks the arena may map (whole chunks under the cap)
+        self.cap_blocks = min(cap // arena.chunk_bytes, arena.num_chunks) * bpc
+        if self.cap_blocks < bpc:
+            raise ValueError(f"cap_bytes={cap} is below one chunk ({arena.chunk_bytes} B)")
+        self.cap_bytes = self.cap_blocks * self.block_bytes
+        self.max_running = min(cfg.max_running or arena.tables.max_seqs, arena.tables.max_seqs)
+        self.max_prefill_tokens = cfg.max_prefill_tokens or cfg.token_budget
+
+        self.now = float(start_s)
+        self.requests: dict[int, Request] = {}
+        self._pending: list[tuple[float, int, Request]] = []
+        self._resume: list[Request] = []        # preempted, sorted by admit_seq
+        self._new: list[Request] = []           # arrived, FIFO (head at index _new_head)
+        self._new_head = 0
+        self._prefill: dict[int, Request] = {}
+        self._decode: dict[int, Request] = {}
+        self._next_admit = 0
+        self._submitted = 0
+        self._live_tokens = 0
+        self._swapped = 0
+        self.dirty = True          # something changed that may allow an admission
+        self.metrics = Metrics(start_s=self.now, end_s=self.now,
+                               token_bytes=self.spec.token_bytes)
+
+        from .memory import make_memory_policy
+        self.memory = make_memory_policy(self)
+        self._sample(EVENT_START)
+        self.memory.start()
+
+    # ------------------------------------------------------------------ submission
+    def submit(self, request: Request) -> None:
+        """Queue ``request`` to arrive at its ``arrival_s`` (never before the clock)."""
+        if not isinstance(request, Request):
+            raise TypeError(f"request must be a Request, got {type(request).__name__}")
+        if request.req_id in self.requests:
+            raise ValueError(f"request id {request.req_id} was already submitted")
+        if request.phase != Phase.PENDING:
+            raise ValueError(f"request {request.req_id} is not fresh (phase {request.phase.name})")
+        final = request.prompt_tokens + request.max_tokens - 1
+        if (self.spec.blocks_for(final) > self.limit_blocks()
+                or self.spec.blocks_for(final) > self.arena.tables.max_blocks_per_seq):
+            if self.config.oversize == "raise":
+                raise ValueError(f"request {request.req_id}: prompt_tokens + max_tokens "
+                                 f"({final + 1}) cannot fit under the memory cap")
+            self.metrics.counters.rejected += 1
+            request.phase = Phase.FINISHED
+            request.extra["rejected"] = True
+            self.requests[request.req_id] = request
+            return
+        if getattr(self.predictor, "wants_true_lengths", False):
+            self.predictor.reveal(request.req_id, request.target)
+        self.requests[request.req_id] = request
+        heapq.heappush(self._pending, (request.arrival_s, self._submitted, request))
+        self._submitted += 1
+
+    def submit_many(self, requests: Iterable[Request]) -> None:
+        """:meth:`submit` each of ``requests``."""
+        for r in requests:
+            self.submit(r)
+
+    # ------------------------------------------------------------------ views
+    @property
+    def prefill_requests(self) -> list[Request]:
+        """Requests prefilling now, in admission order."""
+        return list(self._prefill.values())
+
+    @property
+    def decode_requests(self) -> list[Request]:
+        """Requests decoding now."""
+        return list(self._decode.values())
+
+    def waiting_requests(self) -> list[Request]:
+        """The admission queue: preempted requests (oldest admission first), then arrivals
+        in arrival order."""
+        return self._resume + self._new[self._new_head:]
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests in the admission queue (swapped ones included)."""
+        return len(self._resume) + len(self._new) - self._new_head
+
+    @property
+    def idle(self) -> bool:
+        """True when every submitted request has finished (or was rejected)."""
+        return not (self._pending or self._prefill or self._decode or self.num_waiting)
+
+    def limit_blocks(self) -> int:
+        """Blocks the pools could ever lease: the cap, or less where the device cannot map
+        that much (its free memory plus what is mapped now) or the memory policy never
+        maps more (``static``)."""
+        a = self.arena
+        device = (a.mapped_bytes + a.backend.free_bytes()) // a.chunk_bytes * a.blocks_per_chunk
+        limit = min(self.cap_blocks, device)
+        policy_limit = getattr(self.memory, "limit_blocks", None)
+        return min(limit, policy_limit()) if policy_limit is not None else limit
+
+    def supply_blocks(self) -> int:
+        """Blocks the two pools may lease in all now: their leases plus mapped-unleased
+        blocks plus what the device can still map, under the cap."""
+        a = self.arena
+        return min(self.cap_blocks, a.leased_blocks + a.available_blocks())
+
+    def prefill_tokens_left(self) -> int:
+        """Prompt tokens the prefill set has still to process."""
+        return sum(r.prefill_len - r.kv_len for r in self._prefill.values())
+
+    # ------------------------------------------------------------------ running
+    def run(self, *, max_steps: int | None = None, until_s: float | None = None) -> Metrics:
+        """Step until every request has finished (or ``max_steps`` steps / the clock passes
+        ``until_s``); returns :attr:`metrics`."""
+        steps = 0
+        while not self.idle:
+            if max_steps is not None and steps >= max_steps:
+                break
+            if until_s is not None and self.now >= until_s:
+                break
+            self.step()
+            steps += 1
+        self.metrics.end_s = self.now
+        if self.idle:
+            self._sample(EVENT_END)
+        return self.metrics
+
+    def step(self) -> bool:
+        """One iteration: arrivals, memory (windows, admission), one model step, updates.
+
+        Returns False when there was nothing to do (every request finished).
+        """
+        self._arrivals()
+        if not (self._prefill or self._decode or self.num_waiting):
+            if not self._pending:
+                return False
+            self.now = max(self.now, self._pending[0][0])  # idle: jump to the next arrival
+            self._arrivals()
+        preempted_before = self.metrics.counters.preemptions
+        self.memory.before_step()
+        entries = self._form_batch()
+        if not entries:
+            if self.metrics.counters.preemptions != preempted_before:
+                return True   # requests went back to the queue; try again
+            if not (self._prefill or self._decode) and self._pending:
+                self.now = max(self.now, self._pending[0][0])
+                return True
+            raise RuntimeError(
+                f"no request can make progress: {len(self._prefill)} prefilling, "
+                f"{len(self._decode)} decoding, {self.num_waiting} waiting, "
+                f"supply {self.supply_blocks()} blocks")
+        batch = self._make_batch(entries)
+        duration = float(self.step_fn(batch))
+        if not (math.isfinite(duration) and duration >= 0):
+            raise ValueError(f"step_fn returned {duration!r}; it must return seconds >= 0")
+        if self.config.observe_latency:
+            self.latency.observe(*batch.work(), duration)
+        self.now += duration
+        c = self.metrics.counters
+        c.model_time_s += duration
+        c.steps += 1
+        self._complete(entries)
+        self.memory.after_step()
+        self.metrics.end_s = self.now
+        if self.config.sample_every and c.steps % self.config.sample_every == 0:
+            self._sample(EVENT_STEP)
+        return True
+
+    # ------------------------------------------------------------------ internals
+    def _arrivals(self) -> None:
+        pend = self._pending
+        while pend and pend[0][0] <= self.now:
+            r = heapq.heappop(pend)[2]
+            r.phase = Phase.WAITING
+            self._new.append(r)
+            self.dirty = True
+        if self._new_head > 1024 and self._new_head * 2 > len(self._new):
+            del self._new[:self._new_head]
+            self._new_head = 0
+
+    def _pop_waiting(self, r: Request) -> None:
+        if self._resume and self._resume[0] is r:
+            self._resume.pop(0)
+        elif self._new_head < len(self._new) and self._new[self._new_head] is r:
+            self._new_head += 1
+        else:
+            raise ValueError(f"request {r.req_id} is not at the head of the queue")
+
+    def admit(self, r: Request) -> bool:
+        """Admit the head of the queue ``r``: a swapped request gets its blocks back (swap-in)
+        and decodes; any other starts a prefill with all its prompt blocks allocated. The
+        lease comes from the pool, grown by the memory policy if needed (no preemption).
+        Returns False (nothing changed) when the memory is not there."""
+        swapped = r.phase == Phase.SWAPPED
+        pool = self.pool_decode if swapped else self.pool_prefill
+        need = int(r.swap_data.shape[0]) if swapped else self.spec.blocks_for(r.prefill_len)
+        free = pool.lease - pool.num_owned
+        if free < need and not self.memory.grow(pool, need - free, admission=True):
+            return False
+        self._pop_waiting(r)
+        if r.admit_seq < 0:
+            r.admit_seq = self._next_admit
+            self._next_admit += 1
+            r.admit_s = self.now
+        ids = pool.allocate(need)
+        self.arena.tables.add(r.req_id)
+        self.arena.tables.append(r.req_id, ids)
+        r.num_blocks = need
+        if swapped:
+            data = r.swap_data
+            self._arena_op("swap_in", lambda: self.arena.swap_in(data, ids),
+                           bytes_copied=need * self.block_bytes)
+            self.metrics.counters.swap_in_bytes += need * self.block_bytes
+            r.swap_data = None
+            r.phase = Phase.DECODE
+            r.pool = "decode"
+            self._decode[r.req_id] = r
+            self._live_tokens += r.kv_len
+            self._swapped -= 1
+        else:
+            r.kv_len = 0
+            r.phase = Phase.PREFILL
+            r.pool = "prefill"
+            self._prefill[r.req_id] = r
+        return True
+
+    def _form_batch(self) -> list[tuple[Request, int, bool]]:
+        budget = self.config.token_budget
+        entries: list[tuple[Request, int, bool]] = []
+        scheduled: set[int] = set()
+        bs = self.block_size
+        for r in sorted(self._decode.values(), key=_by_admission):
+            if budget < 1:
+                break
+            if r.req_id not in self._decode:
+                continue   # preempted for a request scheduled earlier in this step
+            need = -(-(r.kv_len + 1) // bs) - r.num_blocks
+            if need > 0 and not self._get_blocks(r, self.pool_decode, need, scheduled):
+                continue
+            entries.append((r, 1, False))
+            scheduled.add(r.req_id)
+            budget -= 1
+        for r in sorted(self._prefill.values(), key=_by_admission):
+            if budget < 1:
+                break
+            if r.req_id not in self._prefill:
+                continue
+            n = min(r.prefill_len - r.kv_len, budget)
+            need = -(-(r.kv_len + n) // bs) - r.num_blocks
+            if need > 0 and not self._get_blocks(r, self.pool_prefill, need, scheduled):
+                continue
+            entries.append((r, n, True))
+            scheduled.add(r.req_id)
+            budget -= n
+        return entries
+
+    def _get_blocks(self, r: Request, pool, need: int, scheduled: set[int]) -> bool:
+        """Give running request ``r`` ``need`` more blocks from ``pool``: from its lease, by
+        growing the lease, or by preempting others (or ``r`` itself). False if ``r`` went."""
+        missed = False
+        while True:
+            free = pool.lease - pool.num_owned
+            if free >= need:
+                ids = pool.allocate(need)
+                self.arena.tables.append(r.req_id, ids)
+                r.num_blocks += need
+                return True
+            if not missed:
+                self.metrics.counters.lease_misses += 1
+                missed = True
+            if self.memory.grow(pool, need - free):
+                continue
+            victim = self._pick_victim(r, scheduled)
+            self.preempt(victim, self._swap_choice(victim))
+            if victim is r:
+                return False
+
+    def _pick_victim(self, r: Request, scheduled: set[int]) -> Request:
+        cands = [x for x in self._decode.values() if x.req_id not in scheduled and x is not r]
+        cands += [x for x in self._prefill.values() if x.req_id not in scheduled and x is not r]
+        cands.append(r)
+        s = RequestSet.from_requests(cands)
+        rem = self.predictor.predict(s.ids, s.generated, s.max_tokens)
+        return cands[int(np.asarray(self.victim(s, rem))[0])]
+
+    def _swap_choice(self, r: Request) -> bool:
+        if r.phase != Phase.DECODE:
+            return False
+        return bool(self.preemption(np.array([r.kv_len]), np.array([r.num_blocks]),
+                                    self.block_bytes, self.latency)[0])
+
+    def preempt(self, r: Request, swap: bool) -> None:
+        """Take running request ``r`` off the device: its blocks are swapped to the host
+        (decode requests, ``swap=True``) or dropped to be recomputed by a new prefill of
+        its prompt and every token generated so far; its pool's lease drops by as many
+        blocks; it waits at the head of the queue (by admission order)."""
+        if r.phase == Phase.DECODE:
+            pool, running = self.pool_decode, self._decode
+        elif r.phase == Phase.PREFILL:
+            pool, running = self.pool_prefill, self._prefill
+            swap = False   # a half-done prompt is cheaper to redo than to store
+        else:
+            raise ValueError(f"request {r.req_id} is not running (phase {r.phase.name})")
+        c = self.metrics.counters
+        ids = self.arena.tables.remove(r.req_id)
+        n = int(ids.size)
+        if swap:
+            r.swap_data = self._arena_op("swap_out", lambda: self.arena.swap_out(ids),
+                                         bytes_copied=n * self.block_bytes)
+            r.phase = Phase.SWAPPED
+            c.preemptions_swap += 1
+            c.swap_out_bytes += n * self.block_bytes
+            self._swapped += 1
+        else:
+            c.preemptions_recompute += 1
+            c.recomputed_tokens += r.kv_len
+            if r.phase == Phase.DECODE:
+                r.prefill_len = r.prompt_tokens + r.generated
+            r.phase = Phase.WAITING
+        self._live_tokens -= r.kv_len
+        if not swap:
+            r.kv_len = 0
+        pool.free(ids)
+        pool.resize(max(pool.num_owned, pool.lease - n))
+        del running[r.req_id]
+        r.num_blocks = 0
+        r.num_preemptions += 1
+        r.pool = ""
+        # Back in the queue, before every later admission and every new arrival.
+        i = 0
+        while i < len(self._resume) and self._resume[i].admit_seq < r.admit_seq:
+            i += 1
+        self._resume.insert(i, r)
+        self.dirty = True
+        self._sample(EVENT_PREEMPT)
+
+    def _make_batch(self, entries: list[tuple[Request, int, bool]]) -> Batch:
+        n = len(entries)
+        ids = np.fromiter((e[0].req_id for e in entries), dtype=np.int64, count=n)
+        ntok = np.fromiter((e[1] for e in entries), dtype=np.int64, count=n)
+        start = np.fromiter((e[0].kv_len for e in entries), dtype=np.int64, count=n)
+        is_pre = np.fromiter((e[2] for e in entries), dtype=bool, count=n)
+        tables = self.arena.tables
+        rows = tables.rows(ids.tolist())
+        qsl = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(ntok, out=qsl[1:])
+        total = int(qsl[-1])
+        seq = np.repeat(np.arange(n), ntok)
+        pos = np.arange(total, dtype=np.int64) - qsl[:-1][seq] + start[seq]
+        bs = self.block_size
+        blk = tables.host[rows[seq], pos // bs].astype(np.int64)
+        slots = blk * bs + pos % bs
+        return Batch(req_ids=ids, num_tokens=ntok.astype(np.int32),
+                     context_lens=(start + ntok).astype(np.int32), is_prefill=is_pre,
+                     block_table_rows=rows.astype(np.int32), slot_mapping=slots,
+                     positions=pos, query_start_loc=qsl.astype(np.int32))
+
+    def _complete(self, entries: list[tuple[Request, int, bool]]) -> None:
+        c = self.metrics.counters
+        for r, n, is_pre in entries:
+            r.kv_len += n
+            self._live_tokens += n
+            if is_pre:
+                c.prefill_tokens += n
+                self.dirty = True   # room in the prefill batch: an admission may fit now
+                if r.kv_len < r.prefill_len:
+                    continue
+                r.generated += 1
+                c.prefills_completed += 1
+                if math.isnan(r.first_token_s):
+                    r.first_token_s = self.now
+                if r.generated >= r.target:
+                    self._finish(r, self.pool_prefill, self._prefill)
+                    continue
+                # Hand-off: ownership and lease move, no byte is copied.
+                self.pool_prefill.transfer(self.arena.tables.blocks(r.req_id), self.pool_decode)
+                del self._prefill[r.req_id]
+                self._decode[r.req_id] = r
+                r.phase = Phase.DECODE
+                r.pool = "decode"
+            else:
+                c.decode_tokens += 1
+                r.generated += 1
+                if r.generated >= r.target:
+                    self._finish(r, self.pool_decode, self._decode)
+
+    def _finish(self, r: Request, pool, running: dict) -> None:
+        ids = self.arena.tables.remove(r.req_id)
+        pool.free(ids)
+        self.memory.on_free(pool, int(ids.size))
+        del running[r.req_id]
+        self._live_tokens -= r.kv_len
+        r.num_blocks = 0
+        r.phase = Phase.FINISHED
+        r.finish_s = self.now
+        r.pool = ""
+        self.predictor.observe_finished(r.generated, r.max_tokens)
+        self.metrics.counters.finished += 1
+        self.metrics.requests.append(RequestRecord(
+            r.req_id, r.arrival_s, r.admit_s, r.first_token_s, r.finish_s, r.prompt_tokens,
+            r.generated, r.num_preemptions))
+        self.dirty = True
+
+    # ------------------------------------------------------------------ arena operations
+    def _arena_op(self, kind: str, fn: Callable[[], Any], *, bytes_copied: int = 0) -> Any:
+        """Run an arena call, charge its cost to the clock, record what it mapped."""
+        a = self.arena
+        before = a.stats()
+        t0 = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            wall = time.perf_counter() - t0
+            after = a.stats()
+            op = ArenaOp(kind, wall,
+                         chunks_mapped=after["map_calls"] - before["map_calls"],
+                         chunks_unmapped=after["unmap_calls"] - before["unmap_calls"],
+                         chunk_bytes=a.chunk_bytes,
+                         blocks_moved=after["moves"] - before["moves"],
+                         bytes_moved=after["bytes_moved"] - before["bytes_moved"],
+                         bytes_copied=bytes_copied)
+            cost = float(self.cost_model(op))
+            c = self.metrics.counters
+            c.arena_time_s += cost
+            c.arena_wall_s += wall
+            c.map_calls += op.chunks_mapped
+            c.unmap_calls += op.chunks_unmapped
+            c.compaction_moves += op.blocks_moved
+            c.compaction_bytes += op.bytes_moved
+            self.now += cost
+            if op.chunks_mapped:
+                self._sample(EVENT_MAP)
+            if op.chunks_unmapped:
+                self._sample(EVENT_UNMAP)
+
+    def resize(self, pool, target: int, kind: str = "resize") -> None:
+        """``pool.resize(target)`` as a measured arena operation (may map; raises
+        ArenaOutOfMemory with nothing changed)."""
+        if target == pool.lease:
+            return
+        self._arena_op(kind, lambda: pool.resize(int(target)))
+
+    def _sample(self, event: int) -> None:
+        a = self.arena
+        bb = self.block_bytes
+        self.metrics.timeline.append(
+            self.now, a.mapped_bytes, self.pool_prefill.lease * bb, self.pool_decode.lease * bb,
+            a.used_blocks * bb, self._live_tokens * self.spec.token_bytes, len(self._prefill),
+            len(self._decode), self.num_waiting - self._swapped, self._swapped, event)
+
+
+def _by_admission(r: Request) -> int:
+    return r.admit_seq

@@ -1,0 +1,205 @@
+"""What the loop records, as plain data.
+
+* :class:`Timeline` — one sample at every window boundary, every map or unmap, every
+  preemption and (by default) after every model step: loop time (s), mapped bytes,
+  leased bytes per pool, used bytes (blocks owned
+  by pools) and live bytes (tokens with K/V written x bytes per token), and the number of
+  requests prefilling, decoding, waiting and swapped out. :meth:`Timeline.arrays` gives
+  numpy arrays.
+* :class:`Counters` — map/unmap calls, shrinks, compaction moves and bytes, preemptions by
+  kind, lease misses (a request needed a block its pool's lease did not cover: a
+  misprediction under the windowed policy), emergency grows, on-demand grows, windows,
+  plans, steps, tokens (prompt tokens processed, decode tokens, completed prefills: each
+  produced one output token), time in arena operations (as the cost model charged it, and wall).
+* :class:`RequestRecord` per finished request: arrival, admission, first token and finish
+  times (loop seconds), prompt and generated tokens, preemptions; TTFT and TPOT follow.
+
+:class:`Metrics` bundles them and computes time-averaged and peak mapped bytes,
+mapped-to-live ratios and throughput.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+#: Why a timeline sample was taken.
+EVENT_WINDOW, EVENT_MAP, EVENT_UNMAP, EVENT_PREEMPT, EVENT_START, EVENT_END, EVENT_STEP = range(7)
+EVENT_NAMES = ("window", "map", "unmap", "preempt", "start", "end", "step")
+
+TIMELINE_FIELDS = ("t_s", "mapped_bytes", "leased_prefill_bytes", "leased_decode_bytes",
+                   "used_bytes", "live_bytes", "n_prefill", "n_decode", "n_waiting",
+                   "n_swapped", "event")
+
+
+class Timeline:
+    """Samples of memory and queue state over loop time (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._rows: list[tuple] = []
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def append(self, t_s: float, mapped_bytes: int, leased_prefill_bytes: int,
+               leased_decode_bytes: int, used_bytes: int, live_bytes: int, n_prefill: int,
+               n_decode: int, n_waiting: int, n_swapped: int, event: int) -> None:
+        """Add one sample (times in seconds, sizes in bytes, counts of requests)."""
+        self._rows.append((t_s, mapped_bytes, leased_prefill_bytes, leased_decode_bytes,
+                           used_bytes, live_bytes, n_prefill, n_decode, n_waiting, n_swapped,
+                           event))
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Every field as a numpy array (``t_s`` float64, the rest int64), one entry per
+        sample, in time order."""
+        if not self._rows:
+            return {f: np.zeros(0, dtype=np.float64 if f == "t_s" else np.int64)
+                    for f in TIMELINE_FIELDS}
+        cols = list(zip(*self._rows))
+        out = {"t_s": np.asarray(cols[0], dtype=np.float64)}
+        for name, col in zip(TIMELINE_FIELDS[1:], cols[1:]):
+            out[name] = np.asarray(col, dtype=np.int64)
+        return out
+
+
+@dataclass
+class Counters:
+    """Event counts and totals of one run (bytes, seconds of loop time unless noted)."""
+
+    map_calls: int = 0
+    unmap_calls: int = 0
+    shrinks: int = 0
+    compaction_moves: int = 0
+    compaction_bytes: int = 0
+    release_calls: int = 0
+    preemptions_swap: int = 0
+    preemptions_recompute: int = 0
+    swap_out_bytes: int = 0
+    swap_in_bytes: int = 0
+    recomputed_tokens: int = 0
+    lease_misses: int = 0
+    emergency_grows: int = 0
+    on_demand_grows: int = 0
+    windows: int = 0
+    plans: int = 0
+    steps: int = 0
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    prefills_completed: int = 0
+    finished: int = 0
+    rejected: int = 0
+    model_time_s: float = 0.0
+    arena_time_s: float = 0.0
+    arena_wall_s: float = 0.0
+    plan_wall_s: float = 0.0
+
+    @property
+    def preemptions(self) -> int:
+        """Preemptions of both kinds."""
+        return self.preemptions_swap + self.preemptions_recompute
+
+    def as_dict(self) -> dict:
+        """All counters as a plain dict (plus ``preemptions``)."""
+        d = asdict(self)
+        d["preemptions"] = self.preemptions
+        return d
+
+
+@dataclass
+class RequestRecord:
+    """One finished request: loop times in seconds, token counts."""
+
+    req_id: int
+    arrival_s: float
+    admit_s: float
+    first_token_s: float
+    finish_s: float
+    prompt_tokens: int
+    generated: int
+    preemptions: int
+
+    @property
+    def ttft_s(self) -> float:
+        """Time to first token: first token minus arrival."""
+        return self.first_token_s - self.arrival_s
+
+    @property
+    def tpot_s(self) -> float:
+        """Time per output token after the first (NaN for single-token outputs)."""
+        if self.generated <= 1:
+            return math.nan
+        return (self.finish_s - self.first_token_s) / (self.generated - 1)
+
+
+@dataclass
+class Metrics:
+    """Everything the loop records (see the module docstring). ``end_s``: loop time of the
+    last step; ``token_bytes``: bytes of one token's K/V over all layers."""
+
+    timeline: Timeline = field(default_factory=Timeline)
+    counters: Counters = field(default_factory=Counters)
+    requests: list[RequestRecord] = field(default_factory=list)
+    start_s: float = 0.0
+    end_s: float = 0.0
+    token_bytes: int = 0
+
+    # ------------------------------------------------------------------ per request
+    def request_arrays(self) -> dict[str, np.ndarray]:
+        """Per finished request (in finishing order): ``req_id``, ``arrival_s``, ``admit_s``,
+        ``first_token_s``, ``finish_s``, ``ttft_s``, ``tpot_s`` (float64, NaN where
+        undefined), ``prompt_tokens``, ``generated``, ``preemptions`` (int64)."""
+        recs = self.requests
+        f = lambda name: np.asarray([getattr(r, name) for r in recs], dtype=np.float64)
+        i = lambda name: np.asarray([getattr(r, name) for r in recs], dtype=np.int64)
+        return dict(req_id=i("req_id"), arrival_s=f("arrival_s"), admit_s=f("admit_s"),
+                    first_token_s=f("first_token_s"), finish_s=f("finish_s"),
+                    ttft_s=f("ttft_s"), tpot_s=f("tpot_s"), prompt_tokens=i("prompt_tokens"),
+                    generated=i("generated"), preemptions=i("preemptions"))
+
+    # ------------------------------------------------------------------ memory over time
+    def time_average(self, name: str = "mapped_bytes") -> float:
+        """Time-weighted mean of a timeline field over ``[start_s, end_s]``: each sample
+        holds until the next one."""
+        a = self.timeline.arrays()
+        t, v = a["t_s"], a[name].astype(np.float64)
+        if t.size == 0 or self.end_s <= t[0]:
+            return float(v[-1]) if v.size else 0.0
+        edges = np.append(t, max(self.end_s, t[-1]))
+        dt = np.diff(edges)
+        total = edges[-1] - edges[0]
+        return float(np.dot(v, dt) / total) if total > 0 else float(v[-1])
+
+    def peak(self, name: str = "mapped_bytes") -> int:
+        """Largest sampled value of a timeline field."""
+        v = self.timeline.arrays()[name]
+        return int(v.max()) if v.size else 0
+
+    def mapped_to_live(self) -> float:
+        """Time-averaged mapped bytes over time-averaged live bytes (inf if nothing lived)."""
+        live = self.time_average("live_bytes")
+        return self.time_average("mapped_bytes") / live if live > 0 else math.inf
+
+    def throughput_tokens_per_s(self) -> float:
+        """Generated tokens of finished requests per second of loop time."""
+        span = self.end_s - self.start_s
+        gen = sum(r.generated for r in self.requests)
+        return gen / span if span > 0 else 0.0
+
+    def summary(self) -> dict:
+        """A JSON-ready dict: counters, mapped bytes (time average, peak), mapped/live,
+        throughput, TTFT and TPOT medians and p99 (seconds)."""
+        r = self.request_arrays()
+
+        def q(x, p):
+            x = x[np.isfinite(x)]
+            return float(np.quantile(x, p)) if x.size else math.nan
+
+        return dict(counters=self.counters.as_dict(), start_s=self.start_s, end_s=self.end_s,
+                    mapped_bytes_avg=self.time_average("mapped_bytes"),
+                    mapped_bytes_peak=self.peak("mapped_bytes"),
+                    live_bytes_avg=self.time_average("live_bytes"),
+                    mapped_to_live=self.mapped_to_live(),
+                    throughput_tokens_per_s=self.throughput_tokens_per_s(),
+                    ttft_p50_s=q(r["ttft_s"], 0.5), ttft_p99_s=q(r["ttft_s"], 0.99),
+                    tpot_p50_s=q(r["tpot_s"], 0.5), tpot_p99_s=q(r["tpot_s"], 0.99))
