@@ -1,0 +1,575 @@
+"""Trace replay: run a request trace through the real scheduler and arena under each memory
+policy and compare what they map.
+
+    python -m bench.replay                      # embedded Azure slice, every policy
+    kv-replay --trace azure_conv_2023 --policy static --policy windowed --predictor empirical
+
+Each policy gets a fresh :class:`arena.PagedArena` and :class:`scheduler.EngineLoop` on the
+same trace, the same model and the same device memory:
+
+- ``static``: maps the whole KV budget at start and never gives it back (vLLM, SGLang);
+- ``on-demand``: maps a chunk when a block is needed and unmaps chunks that hold no block,
+  without compaction or prediction (virtual-memory KV caches such as vAttention);
+- ``windowed:<predictor>``: this library's window planner with a remaining-length predictor
+  (``max_tokens``, ``empirical``, ``oracle``).
+
+Without a GPU the arena runs on the host backend with the named model's real KV geometry
+(so mapped bytes are that model's real figures; the step model writes no KV, and untouched
+pages of the anonymous mapping cost no memory; for the same reason compaction rewrites the
+block tables without copying block bytes unless ``--copy-kv-bytes``). Model steps take the time
+:meth:`scheduler.LatencyModel.from_hardware` predicts for the named model and device, and
+map/unmap/compaction are charged a modeled GPU cost (:class:`scheduler.costs.ModeledGPUCost`,
+constants printed with the results). With CUDA the arena maps real device memory and arena
+operations are charged their measured wall-clock time.
+
+Memory budget (bytes): ``device_limit = device memory - weights - activation reserve``
+(what the device has for KV); every policy is capped at ``kv_budget = device memory x
+utilization - weights - activation reserve``, which the static policy maps at start (the
+"fraction of free memory" an engine like vLLM reserves, ``--memory-utilization``).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from bench import report
+from bench.traces import Trace, load_trace
+
+GIB = 1 << 30
+PREDICTORS = ("max_tokens", "empirical", "oracle")
+ALL_POLICIES = ("static", "on-demand") + tuple(f"windowed:{p}" for p in PREDICTORS)
+#: Copy bandwidth as a share of peak HBM bandwidth for modeled compaction (a device-to-
+#: device ``copy_`` reaches roughly 75-85% of peak on H100-class HBM; bench._common's
+#: copy_bandwidth measures it on a GPU).
+COPY_EFFICIENCY = 0.8
+
+
+def _models() -> dict:
+    """Model presets: the scheduler's, plus ``tiny`` (a 2-layer toy for quick tests)."""
+    from scheduler.latency import MODELS, ModelShape
+
+    return {**MODELS, "tiny": ModelShape("tiny", 2, 256, 4, 2, 64, 20e6)}
+
+
+def _devices() -> dict:
+    from scheduler.latency import DEVICES
+
+    return dict(DEVICES)
+
+
+# ------------------------------------------------------------------------------ set-up
+@dataclass
+class ReplaySetup:
+    """Everything a policy run shares (sizes in bytes, times in seconds)."""
+
+    model: Any                      # scheduler.latency.ModelShape
+    device: Any                     # scheduler.latency.DeviceSpec (memory may be overridden)
+    arena_device: str               # "cpu" (host backend) or "cuda"
+    block_size: int
+    device_memory_bytes: int
+    weights_bytes: int
+    activation_reserve_bytes: int
+    memory_utilization: float
+    device_limit_bytes: int
+    kv_budget_bytes: int
+    max_tokens: int
+    token_budget: int
+    max_running: int
+    preemption: str
+    kv_spec: Any = field(repr=False, default=None)
+    #: host replays skip copying block bytes in compaction (see remap_tables_only)
+    copy_free_compaction: bool = True
+
+    def describe(self) -> dict:
+        """The set-up as a JSON-ready dict (GiB and the latency/cost assumptions)."""
+        from scheduler.latency import LatencyModel
+
+        lat = LatencyModel.from_hardware(self.model, self.device)
+        c = lat.coef
+        m = self.model
+        return {
+            "model": {"name": m.name, "num_layers": m.num_layers, "hidden_size": m.hidden_size,
+                      "num_heads": m.num_heads, "num_kv_heads": m.num_kv_heads,
+                      "head_dim": m.head_dim, "num_params": m.num_params,
+                      "dtype_bytes": m.dtype_bytes,
+                      "kv_bytes_per_token": m.kv_bytes_per_token},
+            "device": {"name": self.device.name, "memory_gib": self.device_memory_bytes / GIB,
+                       "hbm_bandwidth_TBps": self.device.hbm_bandwidth / 1e12,
+                       "fp16_TFLOPs": self.device.fp16_flops / 1e12},
+            "arena_backend": "host (mmap, simulated device)" if self.arena_device == "cpu"
+            else "cuda (virtual memory management)",
+            "block_size": self.block_size,
+            "block_bytes": self.kv_spec.block_bytes,
+            "weights_gib": self.weights_bytes / GIB,
+            "activation_reserve_gib": self.activation_reserve_bytes / GIB,
+            "memory_utilization": self.memory_utilization,
+            "device_limit_gib": self.device_limit_bytes / GIB,
+            "kv_budget_gib": self.kv_budget_bytes / GIB,
+            "max_tokens": self.max_tokens, "token_budget": self.token_budget,
+            "max_running": self.max_running, "preemption": self.preemption,
+            "latency_model": {
+                "source": "scheduler.LatencyModel.from_hardware (roofline, 60% of peak, "
+                          "2 ms step overhead)",
+                "coefficients": dict(zip(("step_s", "per_prefill_token_s",
+                                          "per_attn_pair_s", "per_decode_seq_s",
+                                          "per_decode_context_token_s"), c.tolist())),
+                "decode_step_1seq_1k_ctx_ms": lat.decode_time(1, 1024) * 1e3,
+                "decode_step_32seq_32k_ctx_ms": lat.decode_time(32, 32 * 1024) * 1e3,
+                "prefill_1k_tokens_ms": lat.prefill_time(1024, 1024 * 1025 / 2) * 1e3,
+            },
+            "arena_cost_model": self.cost_describe(),
+            "compaction_on_host": ("block tables rewritten, block bytes not copied (no KV "
+                                   "is written by the step model); moves charged by the cost "
+                                   "model") if self.copy_free_compaction else
+                                  "kernels.compact_blocks (bytes copied)",
+        }
+
+    def cost_model(self):
+        """The arena-operation cost model: modeled GPU time on the host backend, measured
+        wall-clock time with CUDA."""
+        from scheduler.costs import ModeledGPUCost, wall_clock_cost
+
+        if self.arena_device == "cuda":
+            return wall_clock_cost
+        return ModeledGPUCost(device_bandwidth=COPY_EFFICIENCY * self.device.hbm_bandwidth)
+
+    def cost_describe(self) -> dict:
+        if self.arena_device == "cuda":
+            return {"source": "measured wall-clock time of each arena call (CUDA)"}
+        cm = self.cost_model()
+        return {"source": "scheduler.costs.ModeledGPUCost (assumed, not measured)",
+                "map_per_chunk_us": cm.map_s_per_chunk * 1e6,
+                "unmap_per_chunk_us": cm.unmap_s_per_chunk * 1e6,
+                "compaction_copy_bandwidth_TBps": cm.device_bandwidth / 1e12,
+                "compaction_copy_bandwidth_note": f"{COPY_EFFICIENCY:.0%} of peak HBM; each "
+                                                  "moved byte read and written",
+                "host_link_GBps": cm.host_bandwidth / 1e9,
+                "per_op_overhead_us": cm.op_overhead_s * 1e6}
+
+
+def build_setup(*, model: str = "llama-3-8b", device: str = "h100-sxm",
+                device_memory_gib: float | None = None, activation_reserve_gib: float = 2.0,
+                memory_utilization: float = 0.9, block_size: int = 16, max_tokens: int = 2048,
+                token_budget: int = 2048, max_running: int = 256, preemption: str = "auto",
+                arena_device: str | None = None, copy_kv_bytes: bool = False) -> ReplaySetup:
+    """Resolve presets and memory figures. Raises ValueError naming the bad argument."""
+    import dataclasses
+
+    import torch
+
+    models, devices = _models(), _devices()
+    if model not in models:
+        raise ValueError(f"model must be one of {sorted(models)}, got {model!r}")
+    if device not in devices:
+        raise ValueError(f"device must be one of {sorted(devices)}, got {device!r}")
+    m, d = models[model], devices[device]
+    if device_memory_gib is not None:
+        if not (isinstance(device_memory_gib, (int, float)) and device_memory_gib > 0):
+            raise ValueError(f"device_memory_gib must be > 0, got {device_memory_gib!r}")
+        d = dataclasses.replace(d, memory_bytes=int(device_memory_gib * GIB))
+    if not 0 < memory_utilization <= 1:
+        raise ValueError(f"memory_utilization must be in (0, 1], got {memory_utilization!r}")
+    if activation_reserve_gib < 0:
+        raise ValueError(f"activation_reserve_gib must be >= 0, got {activation_reserve_gib!r}")
+    for name, v in (("block_size", block_size), ("max_tokens", max_tokens),
+                    ("token_budget", token_budget), ("max_running", max_running)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if arena_device is None:
+        arena_device = "cuda" if torch.cuda.is_available() else "cpu"
+    if arena_device not in ("cpu", "cuda"):
+        raise ValueError(f"arena_device must be 'cpu' or 'cuda', got {arena_device!r}")
+    weights = int(m.weight_bytes)
+    reserve = int(activation_reserve_gib * GIB)
+    limit = d.memory_bytes - weights - reserve
+    budget = int(d.memory_bytes * memory_utilization) - weights - reserve
+    if budget <= 0:
+        raise ValueError(
+            f"device_memory_gib: {d.memory_bytes / GIB:.1f} GiB x {memory_utilization} leaves "
+            f"nothing for KV after {weights / GIB:.1f} GiB of {m.name} weights and "
+            f"{reserve / GIB:.1f} GiB of activation reserve")
+    if arena_device == "cuda":
+        free, _ = torch.cuda.mem_get_info()
+        limit = min(limit, int(free) - (256 << 20))
+        budget = min(budget, limit)
+    spec = m.kv_spec(block_size)
+    return ReplaySetup(m, d, arena_device, block_size, d.memory_bytes, weights, reserve,
+                       memory_utilization, limit, budget, max_tokens, token_budget,
+                       max_running, preemption, spec,
+                       copy_free_compaction=arena_device == "cpu" and not copy_kv_bytes)
+
+
+# ------------------------------------------------------------------------------ one policy
+class _CostLedger:
+    """Wraps the cost model and splits what it charges (seconds) into map, unmap, compact
+    (the copies and launch of a compaction) and swap (preemption traffic to the host).
+
+    With :class:`scheduler.costs.ModeledGPUCost` the split follows its terms exactly (a
+    shrink's unmaps count as unmap); with any other model (measured wall-clock time on a
+    GPU) a whole operation goes to its kind: shrink -> compact, release -> unmap, swap ->
+    swap, resize -> map."""
+
+    def __init__(self, inner) -> None:
+        from scheduler.costs import ModeledGPUCost
+
+        self.inner = inner
+        self.modeled = isinstance(inner, ModeledGPUCost)
+        self.time = {"map": 0.0, "unmap": 0.0, "compact": 0.0, "swap": 0.0}
+
+    def __call__(self, op) -> float:
+        s = float(self.inner(op))
+        t = self.time
+        if self.modeled:
+            m = self.inner
+            parts = {"map": op.chunks_mapped * m.map_s_per_chunk,
+                     "unmap": op.chunks_unmapped * m.unmap_s_per_chunk,
+                     "compact": 2.0 * op.bytes_moved / m.device_bandwidth,
+                     "swap": op.bytes_copied / m.host_bandwidth}
+            # The per-operation overhead goes to what the operation is for.
+            kind = {"shrink": "compact", "release": "unmap", "swap_out": "swap",
+                    "swap_in": "swap"}.get(op.kind, "map")
+            parts[kind] += s - sum(parts.values())
+            for k, v in parts.items():
+                t[k] += v
+        elif op.kind in ("swap_out", "swap_in"):
+            t["swap"] += s
+        elif op.kind == "shrink":
+            t["compact"] += s
+        elif op.kind == "release" or (op.chunks_unmapped and not op.chunks_mapped):
+            t["unmap"] += s
+        else:
+            t["map"] += s
+        return s
+
+
+def remap_tables_only(blocks, src, dst, block_tables=None) -> None:
+    """A compaction that rewrites the block tables (every entry ``src[k]`` becomes
+    ``dst[k]``) without copying block bytes: the arena's ``compact_fn`` for host replays,
+    whose step model writes no KV, so the blocks hold nothing worth copying and copying them
+    would only fault in pages of the host mapping. The arena still counts the moves and
+    bytes, and the cost model charges them as device copies.
+
+    ``blocks``: the arena's block-major buffer ``[num_blocks, ...]`` (only its first
+    dimension is read); ``src``/``dst``: int64 tensors ``[m]``; ``block_tables``: int32
+    tensor of any shape, rewritten in place (-1 padding untouched)."""
+    if block_tables is None or src.numel() == 0:
+        return
+    if block_tables.device.type != "cpu":
+        raise ValueError("block_tables must be a CPU tensor (remap_tables_only serves host "
+                         "replays; GPU arenas use kernels.compact_blocks)")
+    # numpy on the shared memory: masked assignment is ~100x faster than torch's on CPU.
+    table = block_tables.numpy()
+    remap = np.arange(int(blocks.shape[0]), dtype=table.dtype)
+    remap[src.numpy()] = dst.numpy()
+    valid = table >= 0
+    table[valid] = remap[table[valid]]
+
+
+def parse_policy(name: str) -> tuple[str, str | None]:
+    """``"static"`` -> ("static", None); ``"windowed:empirical"`` -> ("windowed",
+    "empirical"). Raises ValueError naming ``policy`` for anything else."""
+    memory, _, pred = name.partition(":")
+    if memory in ("static", "on-demand") and not pred:
+        return memory, None
+    if memory == "windowed" and pred in PREDICTORS:
+        return memory, pred
+    raise ValueError(f"policy must be one of {', '.join(ALL_POLICIES)} (or 'all'), got {name!r}")
+
+
+def run_policy(setup: ReplaySetup, trace: Trace, policy: str, *, progress: bool = True,
+               steps_per_update: int = 200, planner=None) -> report.RunRecord:
+    """Replay ``trace`` under ``policy`` (see :func:`parse_policy`) with a fresh arena and
+    loop; returns what it recorded. The loop's clock is simulated seconds. ``planner``: a
+    :class:`scheduler.planner.PlannerConfig` for the windowed policy (None: the
+    scheduler's defaults)."""
+    from arena import PagedArena
+    from scheduler.latency import LatencyModel
+    from scheduler.loop import EngineLoop, LoopConfig, latency_step
+    from scheduler.request import Request
+
+    memory, pred = parse_policy(policy)
+    spec = setup.kv_spec
+    longest = int(trace.prompt_tokens.max()) + setup.max_tokens
+    arena = PagedArena(spec, setup.device_limit_bytes, setup.arena_device,
+                       device_limit_bytes=setup.device_limit_bytes,
+                       max_seqs=setup.max_running,
+                       max_blocks_per_seq=spec.blocks_for(longest),
+                       compact_fn=remap_tables_only if setup.copy_free_compaction else None)
+    ledger = _CostLedger(setup.cost_model())
+    truth = LatencyModel.from_hardware(setup.model, setup.device)
+    config = LoopConfig(memory=memory, predictor=pred or "max_tokens",
+                        token_budget=setup.token_budget, max_running=setup.max_running,
+                        cap_bytes=setup.kv_budget_bytes, static_bytes=setup.kv_budget_bytes,
+                        preemption=setup.preemption, oversize="reject", planner=planner)
+    wall0 = time.perf_counter()
+    loop = EngineLoop(arena, latency_step(truth),
+                      LatencyModel.from_hardware(setup.model, setup.device), config,
+                      cost_model=ledger)
+    n = len(trace)
+    reqs = [Request(i, int(p), setup.max_tokens, int(o), float(a)) for i, (a, p, o) in
+            enumerate(zip(trace.arrival_s, trace.prompt_tokens, trace.output_tokens))]
+    loop.submit_many(reqs)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=n, desc=f"{policy:>20}", unit="req", leave=True, dynamic_ncols=True,
+                   file=sys.stderr)
+    done = 0
+    try:
+        while not loop.idle:   # in slices, to move the progress bar
+            loop.run(max_steps=steps_per_update)
+            if bar is not None:
+                c = loop.metrics.counters
+                finished = c.finished + c.rejected
+                bar.update(finished - done)
+                done = finished
+                bar.set_postfix(sim_s=f"{loop.now:.0f}", mapped=f"{arena.mapped_bytes / GIB:.1f}G",
+                                refresh=False)
+    except BaseException:
+        arena.close()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    wall = time.perf_counter() - wall0
+    metrics = loop.metrics
+    tl = metrics.timeline.arrays()
+    c = metrics.counters
+    counters = c.as_dict()
+    counters.update(
+        preemptions=c.preemptions,
+        # a lease miss is a misprediction only where leases come from a prediction
+        mispredictions=c.lease_misses if memory == "windowed" else None,
+        time_map_s=ledger.time["map"], time_unmap_s=ledger.time["unmap"],
+        time_compact_s=ledger.time["compact"], time_swap_s=ledger.time["swap"])
+    counters = {k: v for k, v in counters.items() if v is not None}
+    all_reqs = [loop.requests[i] for i in range(n)]
+    rejected = np.array([bool(r.extra.get("rejected")) for r in all_reqs])
+    record = report.RunRecord(
+        policy=policy, t_s=tl["t_s"], mapped_bytes=tl["mapped_bytes"],
+        live_bytes=tl["live_bytes"], used_bytes=tl["used_bytes"], start_s=metrics.start_s,
+        end_s=max(metrics.end_s, float(tl["t_s"][-1])),
+        arrival_s=trace.arrival_s,
+        first_token_s=np.array([r.first_token_s for r in all_reqs], dtype=np.float64),
+        finish_s=np.array([r.finish_s if not rej else math.nan
+                           for r, rej in zip(all_reqs, rejected)], dtype=np.float64),
+        output_tokens=np.array([r.generated for r in all_reqs], dtype=np.int64),
+        counters=counters,
+        info={"memory": memory, "predictor": pred, "rejected": int(rejected.sum()),
+              "wall_s": wall, "steps": c.steps, "timeline_samples": int(tl["t_s"].size),
+              "chunk_bytes": arena.chunk_bytes, "blocks_per_chunk": arena.blocks_per_chunk,
+              "arena_wall_s": c.arena_wall_s, "plan_wall_s": c.plan_wall_s})
+    arena.close()
+    return record
+
+
+# ------------------------------------------------------------------------------ CLI
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kv-replay", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--trace", default=None,
+                   help="trace CSV path or name of a shared trace (azure_conv_2023, "
+                        "mooncake_conv_first30min, mooncake_synthetic); default: the embedded "
+                        "slice bench/data/azure_conv_2023_slice.csv")
+    p.add_argument("--model", default="llama-3-8b", help="model preset: "
+                   + ", ".join(sorted(_models())))
+    p.add_argument("--device", default="h100-sxm", help="device preset (memory, bandwidth, "
+                   "FLOP/s for the latency model): " + ", ".join(sorted(_devices())))
+    p.add_argument("--device-memory-gib", type=float, default=None,
+                   help="device memory in GiB (default: the device preset's)")
+    p.add_argument("--activation-reserve-gib", type=float, default=2.0,
+                   help="device memory kept for activations, besides the weights")
+    p.add_argument("--memory-utilization", type=float, default=0.9,
+                   help="share of device memory the engine may use (weights + KV); the KV "
+                        "part is what static maps and every policy's cap")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument("--policy", action="append", default=None,
+                   help="memory policy, repeatable: static, on-demand, windowed (with each "
+                        "--predictor), windowed:<predictor>, or all")
+    p.add_argument("--predictor", action="append", default=None, choices=PREDICTORS,
+                   help="remaining-length predictor(s) for windowed (repeatable; default all)")
+    p.add_argument("--time-slice", default=None, metavar="START:END",
+                   help="replay only requests arriving in [START, END) seconds (either side "
+                        "may be empty); arrivals are re-based to START")
+    p.add_argument("--max-requests", type=int, default=None,
+                   help="replay at most this many requests (after --time-slice)")
+    p.add_argument("--max-tokens", type=int, default=2048,
+                   help="max_tokens of every request (the bound the max_tokens predictor uses)")
+    p.add_argument("--token-budget", type=int, default=2048, help="tokens per model step")
+    p.add_argument("--max-running", type=int, default=256, help="sequences running at once")
+    p.add_argument("--preemption", default="auto", choices=("auto", "swap", "recompute"))
+    p.add_argument("--shrink-min-blocks", type=int, default=None,
+                   help="windowed: shrink at a window end only when at least this many blocks "
+                        "are mapped beyond the plan (hysteresis; default: the scheduler's, one "
+                        "chunk)")
+    p.add_argument("--copy-kv-bytes", action="store_true",
+                   help="host backend: let compaction copy block bytes with the real kernel "
+                        "(slow: faults in pages of the host mapping); by default it only "
+                        "rewrites block tables, since the step model writes no KV")
+    p.add_argument("--out", default="out/replay", help="output folder (JSON, PNG, table)")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def policies_from_args(policies: Sequence[str] | None,
+                       predictors: Sequence[str] | None) -> list[str]:
+    """Expand ``--policy``/``--predictor`` into policy names (order kept, no repeats)."""
+    preds = list(dict.fromkeys(predictors)) if predictors else list(PREDICTORS)
+    out: list[str] = []
+    for p in (policies or ["all"]):
+        for q in p.split(","):
+            q = q.strip()
+            if q == "all":
+                names = ["static", "on-demand"] + [f"windowed:{x}" for x in preds]
+            elif q == "windowed":
+                names = [f"windowed:{x}" for x in preds]
+            else:
+                parse_policy(q)
+                names = [q]
+            out.extend(n for n in names if n not in out)
+    return out
+
+
+def parse_time_slice(text: str) -> tuple[float, float | None]:
+    """``"START:END"`` -> (start, end or None); ValueError naming ``--time-slice``."""
+    start, sep, end = text.partition(":")
+    try:
+        s = float(start) if start.strip() else 0.0
+        e = float(end) if end.strip() else None
+    except ValueError:
+        raise ValueError(f"--time-slice must be START:END in seconds, got {text!r}") from None
+    if not sep or s < 0 or (e is not None and e <= s):
+        raise ValueError(f"--time-slice must be START:END with 0 <= START < END, got {text!r}")
+    return s, e
+
+
+def header_lines(setup: ReplaySetup, trace: Trace) -> list[str]:
+    """What was assumed, printed above the table."""
+    d = setup.describe()
+    lat = d["latency_model"]
+    cost = d["arena_cost_model"]
+    tr = trace.describe()
+    lines = [
+        f"trace: {trace.name} ({tr['requests']} requests over {tr['span_s']:.0f} s; prompt mean "
+        f"{tr['prompt_tokens']['mean']:.0f}, output mean {tr['output_tokens']['mean']:.0f} "
+        f"tokens; source {trace.source})",
+        f"model: {setup.model.name} ({setup.model.num_params / 1e9:.2f} B params, "
+        f"{setup.model.dtype_bytes * 8}-bit; KV {setup.model.kv_bytes_per_token / 1024:.0f} KiB "
+        f"per token, block {setup.block_size} tokens = "
+        f"{setup.kv_spec.block_bytes / 2**20:.2f} MiB)",
+        f"device: {setup.device.name}, {setup.device_memory_bytes / GIB:.0f} GiB, "
+        f"{setup.device.hbm_bandwidth / 1e12:.2f} TB/s, {setup.device.fp16_flops / 1e12:.0f} "
+        f"TFLOP/s fp16; arena backend: {d['arena_backend']}",
+        f"memory: weights {d['weights_gib']:.1f} GiB + activation reserve "
+        f"{d['activation_reserve_gib']:.1f} GiB; KV budget (cap of every policy, static's "
+        f"reservation) {d['kv_budget_gib']:.1f} GiB = {setup.memory_utilization:.0%} of device "
+        f"memory minus those; device limit {d['device_limit_gib']:.1f} GiB",
+        f"latency model ({lat['source']}): decode step 1 seq @1k ctx "
+        f"{lat['decode_step_1seq_1k_ctx_ms']:.2f} ms, 32 seqs @32k ctx "
+        f"{lat['decode_step_32seq_32k_ctx_ms']:.2f} ms; prefill 1k tokens "
+        f"{lat['prefill_1k_tokens_ms']:.2f} ms",
+    ]
+    if "map_per_chunk_us" in cost:
+        lines.append(
+            f"arena op cost ({cost['source']}): map {cost['map_per_chunk_us']:.0f} us/chunk, "
+            f"unmap {cost['unmap_per_chunk_us']:.0f} us/chunk, compaction at "
+            f"{cost['compaction_copy_bandwidth_TBps']:.2f} TB/s, swap at "
+            f"{cost['host_link_GBps']:.0f} GB/s")
+    else:
+        lines.append(f"arena op cost: {cost['source']}")
+    lines.append(f"compaction: {d['compaction_on_host']}" if setup.arena_device == "cpu"
+                 else "compaction: kernels.compact_blocks on the GPU")
+    lines.append(f"requests: max_tokens {setup.max_tokens}, token budget {setup.token_budget} "
+                 f"per step, at most {setup.max_running} running, preemption {setup.preemption}")
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the replay (see ``--help``); prints the table on stdout and writes
+    ``<out>/replay.json``, ``<out>/table.md`` and ``<out>/memory.png``. Returns 0, or 2 on
+    bad arguments."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        policies = policies_from_args(args.policy, args.predictor)
+        trace = load_trace(args.trace)
+        if args.time_slice:
+            trace = trace.time_slice(*parse_time_slice(args.time_slice))
+        if args.max_requests is not None:
+            if args.max_requests < 1:
+                raise ValueError(f"--max-requests must be >= 1, got {args.max_requests}")
+            trace = trace.head(args.max_requests)
+        setup = build_setup(model=args.model, device=args.device,
+                            device_memory_gib=args.device_memory_gib,
+                            activation_reserve_gib=args.activation_reserve_gib,
+                            memory_utilization=args.memory_utilization,
+                            block_size=args.block_size, max_tokens=args.max_tokens,
+                            token_budget=args.token_budget, max_running=args.max_running,
+                            preemption=args.preemption, copy_kv_bytes=args.copy_kv_bytes)
+    except (ValueError, TypeError) as exc:
+        parser.error(str(exc))    # exits with status 2
+    out = Path(args.out)
+    head = header_lines(setup, trace)
+    planner = None
+    if args.shrink_min_blocks is not None:
+        from scheduler.planner import PlannerConfig
+        if args.shrink_min_blocks < 0:
+            parser.error(f"--shrink-min-blocks must be >= 0, got {args.shrink_min_blocks}")
+        planner = PlannerConfig(shrink_min_blocks=args.shrink_min_blocks)
+        head.append(f"windowed planner: shrink_min_blocks={args.shrink_min_blocks}")
+    if not args.quiet:
+        print("\n".join(head), file=sys.stderr)
+    wall0 = time.perf_counter()
+    runs = [run_policy(setup, trace, p, progress=not args.quiet, planner=planner)
+            for p in policies]
+    wall = time.perf_counter() - wall0
+    summaries = [report.summarize(r) for r in runs]
+    table = report.markdown_table(summaries)
+    targets = report.check_targets(summaries)
+
+    from bench._common import environment
+    doc = {
+        "environment": environment(setup.arena_device),
+        "command": "python -m bench.replay " + " ".join(sys.argv[1:] if argv is None else argv),
+        "trace": trace.describe(),
+        "setup": {**setup.describe(), "shrink_min_blocks": args.shrink_min_blocks},
+        "wall_s": wall,
+        "definitions": report.__doc__,
+        "policies": summaries,
+        "targets": targets,
+        # 400 slices, 0.1 MiB / 1 ms resolution: enough to redraw the plot, small to commit
+        "timelines": {r.policy: {k: np.round(v, 3 if k == "t_s" else 4).tolist()
+                                 for k, v in report.bucket_timeline(r, 400).items()}
+                      for r in runs},
+    }
+    report.write_json(out / "replay.json", doc)
+    text = "\n".join(f"- {h}" for h in head) + "\n\n" + table + "\n"
+    if targets:
+        text += ("\nTargets (windowed:empirical against static):\n\n"
+                 + report.targets_table(targets) + "\n")
+    (out / "table.md").write_text(text)
+    if not args.no_plot:
+        report.plot_memory(runs, out / "memory.png",
+                           title=f"{trace.name}: {setup.model.name} on {setup.device.name} - "
+                                 f"mapped (solid) and live (dashed) KV memory")
+    print("\n".join(f"- {h}" for h in head))
+    print()
+    print(table)
+    if targets:
+        print("\nTargets (windowed:empirical against static):\n")
+        print(report.targets_table(targets))
+    print(f"\n({len(runs)} policies replayed in {wall:.1f} s wall; results in {out}/)")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,425 @@
+"""The replay's report: metrics per policy from a recorded run, a Markdown table, JSON and a
+PNG of mapped and live KV memory over time.
+
+Input is a :class:`RunRecord` per policy: plain numpy arrays, whatever engine produced them.
+Memory is a step function of simulated time: sample ``i`` holds from ``t_s[i]`` until
+``t_s[i + 1]`` (the last one until ``end_s``), so time averages are exact integrals of the
+step function, not means of samples.
+
+Definitions (all under the replay's latency model, in simulated seconds):
+
+- time-averaged mapped/live bytes: integral of the step function over ``[start_s, end_s]``
+  divided by its length; peak: the largest sample.
+- live bytes are tokens whose K/V are written x bytes per token; allocated (used) bytes are
+  the blocks requests hold, which also counts a prompt's blocks from admission on, before
+  chunked prefill has written them.
+- mapped-to-live ratio, time-averaged: time-averaged mapped / time-averaged live (what the
+  memory target is about); p99: the 99th percentile over time of ``mapped(t) / live(t)``,
+  weighted by duration, over the time when ``live(t) > 0`` (with nothing live the ratio has
+  no meaning; the time spent mapped-but-empty is reported separately).
+- TTFT: first token time - arrival; TPOT: (finish - first token) / (output tokens - 1),
+  over requests with at least two output tokens.
+- throughput: output tokens of finished requests / replayed time (start_s .. end_s).
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+GIB = float(1 << 30)
+
+#: Counters every run reports (missing ones are recorded as 0 by :func:`summarize`, except
+#: ``mispredictions``, which is None for a policy that makes no prediction).
+COUNTER_KEYS: tuple[str, ...] = (
+    "map_calls", "unmap_calls", "compaction_bytes", "compaction_moves", "preemptions",
+    "mispredictions", "time_map_s", "time_unmap_s", "time_compact_s")
+
+
+@dataclass
+class RunRecord:
+    """What one policy's replay recorded.
+
+    Timeline (step function, simulated seconds): ``t_s`` float64 [k] non-decreasing,
+    ``mapped_bytes`` and ``live_bytes`` int64/float64 [k] (bytes of device memory mapped for
+    KV, and bytes of blocks holding live KV). ``start_s``/``end_s``: the replayed interval.
+    Requests (one row each, NaN where a request never got there): ``arrival_s``,
+    ``first_token_s``, ``finish_s`` float64 [n], ``output_tokens`` int64 [n].
+    ``counters``: see :data:`COUNTER_KEYS` (times are modeled device seconds).
+    ``info``: anything else worth keeping in the JSON (reservation, predictor, ...).
+    ``used_bytes`` (optional, same length as ``t_s``): bytes of blocks allocated to requests
+    (live KV rounded up to blocks, plus prompt blocks allocated before their tokens are
+    written).
+    """
+
+    policy: str
+    t_s: np.ndarray
+    mapped_bytes: np.ndarray
+    live_bytes: np.ndarray
+    start_s: float
+    end_s: float
+    arrival_s: np.ndarray
+    first_token_s: np.ndarray
+    finish_s: np.ndarray
+    output_tokens: np.ndarray
+    counters: dict[str, float] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    used_bytes: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.t_s = np.asarray(self.t_s, dtype=np.float64)
+        self.mapped_bytes = np.asarray(self.mapped_bytes, dtype=np.float64)
+        self.live_bytes = np.asarray(self.live_bytes, dtype=np.float64)
+        if not (self.t_s.ndim == self.mapped_bytes.ndim == self.live_bytes.ndim == 1):
+            raise ValueError("t_s, mapped_bytes and live_bytes must be 1-D")
+        if not (self.t_s.shape == self.mapped_bytes.shape == self.live_bytes.shape):
+            raise ValueError(f"t_s {self.t_s.shape}, mapped_bytes {self.mapped_bytes.shape} and "
+                             f"live_bytes {self.live_bytes.shape} must have one length")
+        if self.t_s.size == 0:
+            raise ValueError("t_s must hold at least one sample")
+        if np.any(np.diff(self.t_s) < 0):
+            raise ValueError("t_s must be non-decreasing")
+        if not (self.start_s <= self.t_s[0] + 1e-12 and self.end_s >= self.t_s[-1] - 1e-12):
+            raise ValueError(f"start_s={self.start_s} and end_s={self.end_s} must enclose the "
+                             f"timeline [{self.t_s[0]}, {self.t_s[-1]}]")
+        for name in ("arrival_s", "first_token_s", "finish_s"):
+            setattr(self, name, np.asarray(getattr(self, name), dtype=np.float64))
+        self.output_tokens = np.asarray(self.output_tokens, dtype=np.int64)
+        if self.used_bytes is not None:
+            self.used_bytes = np.asarray(self.used_bytes, dtype=np.float64)
+            if self.used_bytes.shape != self.t_s.shape:
+                raise ValueError(f"used_bytes {self.used_bytes.shape} must match t_s "
+                                 f"{self.t_s.shape}")
+        n = self.arrival_s.shape
+        if not (self.first_token_s.shape == self.finish_s.shape == self.output_tokens.shape == n):
+            raise ValueError("arrival_s, first_token_s, finish_s and output_tokens must have "
+                             "one length")
+
+
+# ---------------------------------------------------------------------------- step functions
+def _durations(t_s: np.ndarray, end_s: float) -> np.ndarray:
+    """Seconds each sample holds: t[i+1] - t[i], the last until end_s. float64 [k]."""
+    return np.diff(np.append(t_s, max(float(end_s), float(t_s[-1]))))
+
+
+def time_average(t_s: np.ndarray, values: np.ndarray, end_s: float,
+                 start_s: float | None = None) -> float:
+    """Integral of the step function (``values[i]`` on ``[t_s[i], t_s[i+1])``, the last
+    until ``end_s``) over ``[start_s, end_s]``, divided by ``end_s - start_s``.
+
+    Before the first sample the value counts as 0. ``start_s`` defaults to ``t_s[0]``.
+    Returns the last value when the interval has zero length.
+    """
+    t_s = np.asarray(t_s, dtype=np.float64)
+    values = np.asarray(values, dtype=np.float64)
+    start = float(t_s[0]) if start_s is None else float(start_s)
+    span = float(end_s) - start
+    if span <= 0:
+        return float(values[-1])
+    return float(np.dot(_durations(t_s, end_s), values)) / span
+
+
+def time_weighted_quantile(values: np.ndarray, weights: np.ndarray, q: float) -> float:
+    """The ``q``-quantile (0..1) of ``values`` where each value counts for its ``weight``
+    (seconds): the smallest value v with weight(values <= v) >= q * total weight.
+    NaN when the total weight is 0."""
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"q must be in [0, 1], got {q!r}")
+    values = np.asarray(values, dtype=np.float64)
+    weights = np.asarray(weights, dtype=np.float64)
+    keep = weights > 0
+    values, weights = values[keep], weights[keep]
+    if values.size == 0:
+        return float("nan")
+    order = np.argsort(values, kind="stable")
+    cum = np.cumsum(weights[order])
+    k = int(np.searchsorted(cum, q * cum[-1] * (1 - 1e-12), side="left"))
+    return float(values[order][min(k, values.size - 1)])
+
+
+def _pct(x: np.ndarray, q: float) -> float | None:
+    x = x[np.isfinite(x)]
+    return float(np.percentile(x, q)) if x.size else None
+
+
+def _mean(x: np.ndarray) -> float | None:
+    x = x[np.isfinite(x)]
+    return float(x.mean()) if x.size else None
+
+
+# ---------------------------------------------------------------------------- metrics
+def summarize(run: RunRecord) -> dict[str, Any]:
+    """Every reported metric of one run, as a JSON-ready dict (bytes in GiB, times in s).
+
+    Keys: see :data:`METRIC_ROWS` plus the raw counters, request counts and ``info``.
+    """
+    dur = _durations(run.t_s, run.end_s)
+    span = float(run.end_s - run.start_s)
+    mapped_avg = time_average(run.t_s, run.mapped_bytes, run.end_s, run.start_s)
+    live_avg = time_average(run.t_s, run.live_bytes, run.end_s, run.start_s)
+    has_live = run.live_bytes > 0
+    ratio = np.divide(run.mapped_bytes, run.live_bytes, out=np.full_like(run.mapped_bytes, np.nan),
+                      where=has_live)
+    ratio_p99 = time_weighted_quantile(ratio[has_live], dur[has_live], 0.99)
+    idle_mapped_s = float(dur[~has_live & (run.mapped_bytes > 0)].sum())
+
+    done = np.isfinite(run.finish_s)
+    started = np.isfinite(run.first_token_s)
+    ttft = (run.first_token_s - run.arrival_s)[started]
+    multi = done & started & (run.output_tokens >= 2)
+    tpot = (run.finish_s[multi] - run.first_token_s[multi]) / (run.output_tokens[multi] - 1)
+    out_tokens = int(run.output_tokens[done].sum())
+
+    c = {k: float(run.counters.get(k, 0)) for k in COUNTER_KEYS}
+    c.update({k: float(v) for k, v in run.counters.items() if k not in c})
+    arena_time = c["time_map_s"] + c["time_unmap_s"] + c["time_compact_s"]
+    return {
+        "policy": run.policy,
+        "replayed_s": span,
+        "requests": int(run.arrival_s.size),
+        "requests_finished": int(done.sum()),
+        "mapped_avg_gib": mapped_avg / GIB,
+        "mapped_peak_gib": float(run.mapped_bytes.max()) / GIB,
+        "live_avg_gib": live_avg / GIB,
+        "live_peak_gib": float(run.live_bytes.max()) / GIB,
+        "used_avg_gib": None if run.used_bytes is None else
+        time_average(run.t_s, run.used_bytes, run.end_s, run.start_s) / GIB,
+        "mapped_to_live_avg": mapped_avg / live_avg if live_avg > 0 else None,
+        "mapped_to_live_p99": None if math.isnan(ratio_p99) else ratio_p99,
+        "mapped_while_empty_s": idle_mapped_s,
+        "map_calls": int(c["map_calls"]),
+        "unmap_calls": int(c["unmap_calls"]),
+        "compaction_gib": c["compaction_bytes"] / GIB,
+        "preemptions": int(c["preemptions"]),
+        # Only a policy that predicts can mispredict: absent counter -> None ("n/a").
+        "mispredictions": (int(run.counters["mispredictions"])
+                           if run.counters.get("mispredictions") is not None else None),
+        "output_tokens": out_tokens,
+        "throughput_tok_s": out_tokens / span if span > 0 else None,
+        "throughput_req_s": int(done.sum()) / span if span > 0 else None,
+        "ttft_mean_s": _mean(ttft), "ttft_p50_s": _pct(ttft, 50), "ttft_p99_s": _pct(ttft, 99),
+        "tpot_mean_s": _mean(tpot), "tpot_p50_s": _pct(tpot, 50), "tpot_p99_s": _pct(tpot, 99),
+        "arena_time_s": arena_time,
+        "arena_time_frac": arena_time / span if span > 0 else None,
+        "counters": c,
+        "info": dict(run.info),
+    }
+
+
+#: Rows of the Markdown table: (label, summary key, format). Formats: "gib", "x", "int",
+#: "tok", "s", "ms", "pct".
+METRIC_ROWS: tuple[tuple[str, str, str], ...] = (
+    ("mapped KV, time avg (GiB)", "mapped_avg_gib", "gib"),
+    ("mapped KV, peak (GiB)", "mapped_peak_gib", "gib"),
+    ("live KV, time avg (GiB)", "live_avg_gib", "gib"),
+    ("allocated blocks, time avg (GiB)", "used_avg_gib", "gib"),
+    ("mapped / live, time avg", "mapped_to_live_avg", "x"),
+    ("mapped / live, p99", "mapped_to_live_p99", "x"),
+    ("map calls", "map_calls", "int"),
+    ("unmap calls", "unmap_calls", "int"),
+    ("compaction moved (GiB)", "compaction_gib", "gib"),
+    ("preemptions", "preemptions", "int"),
+    ("mispredictions", "mispredictions", "int"),
+    ("requests finished", "requests_finished", "int"),
+    ("throughput (tok/s)", "throughput_tok_s", "tok"),
+    ("TTFT p50 / p99 (s)", "ttft_p50_s|ttft_p99_s", "s"),
+    ("TPOT p50 / p99 (ms)", "tpot_p50_s|tpot_p99_s", "ms"),
+    ("map+unmap+compact time (% of replay)", "arena_time_frac", "pct"),
+)
+
+
+def _fmt(value: Any, kind: str) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    if kind == "gib":
+        return f"{value:.3f}" if value < 10 else f"{value:.1f}"
+    if kind == "x":
+        return f"{value:.3f}x" if value < 100 else f"{value:.0f}x"
+    if kind == "int":
+        return f"{int(value):,}"
+    if kind == "tok":
+        return f"{value:,.1f}"
+    if kind == "s":
+        return f"{value:.3f}"
+    if kind == "ms":
+        return f"{value * 1e3:.2f}"
+    if kind == "pct":
+        return f"{value * 100:.3f}%"
+    return str(value)
+
+
+def markdown_table(summaries: Sequence[Mapping[str, Any]]) -> str:
+    """A Markdown table with one column per policy and one row per metric of
+    :data:`METRIC_ROWS` (paired metrics shown as ``a / b``). Returns the text, no trailing
+    newline."""
+    if not summaries:
+        raise ValueError("summaries must hold at least one policy")
+    head = "| metric | " + " | ".join(str(s["policy"]) for s in summaries) + " |"
+    rule = "|---|" + "---:|" * len(summaries)
+    lines = [head, rule]
+    for label, key, kind in METRIC_ROWS:
+        cells = []
+        for s in summaries:
+            parts = [_fmt(s.get(k), kind) for k in key.split("|")]
+            cells.append(" / ".join(parts))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- timelines
+def bucket_timeline(run: RunRecord, buckets: int = 1000) -> dict[str, list[float]]:
+    """The run's mapped and live bytes averaged over ``buckets`` equal slices of
+    ``[start_s, end_s]`` (exact step-function integrals per slice), plus the per-slice peak
+    of mapped bytes. Returns lists (JSON-ready): ``t_s`` (slice starts), ``mapped_gib``,
+    ``live_gib``, ``mapped_max_gib``."""
+    if buckets < 1:
+        raise ValueError(f"buckets must be >= 1, got {buckets}")
+    span = run.end_s - run.start_s
+    if span <= 0:
+        return {"t_s": [run.start_s], "mapped_gib": [run.mapped_bytes[-1] / GIB],
+                "live_gib": [run.live_bytes[-1] / GIB],
+                "mapped_max_gib": [run.mapped_bytes.max() / GIB]}
+    edges = np.linspace(run.start_s, run.end_s, buckets + 1)
+    # Integral of a step function up to each edge: cumulative area at the sample times,
+    # then the partial segment to the edge.
+    t = np.append(run.t_s, run.end_s)
+
+    def integral_at(values: np.ndarray) -> np.ndarray:
+        area = np.concatenate(([0.0], np.cumsum(np.diff(t) * values)))
+        k = np.clip(np.searchsorted(run.t_s, edges, side="right") - 1, 0, values.size - 1)
+        before = edges < run.t_s[0]
+        res = area[k] + (edges - run.t_s[k]) * values[k]
+        res[before] = 0.0
+        return res
+
+    width = np.diff(edges)
+    mapped = np.diff(integral_at(run.mapped_bytes)) / width
+    live = np.diff(integral_at(run.live_bytes)) / width
+    # Peak per slice: the max over the sample holding at its start and the samples inside.
+    starts = np.clip(np.searchsorted(run.t_s, edges[:-1], side="right") - 1, 0, None)
+    ends = np.maximum(np.searchsorted(run.t_s, edges[1:], side="left"), starts + 1)
+    padded = np.append(run.mapped_bytes, -np.inf)      # so an end index may equal k
+    peak = np.maximum.reduceat(padded, np.column_stack([starts, ends]).ravel())[::2]
+    return {"t_s": edges[:-1].tolist(), "mapped_gib": (mapped / GIB).tolist(),
+            "live_gib": (live / GIB).tolist(), "mapped_max_gib": (peak / GIB).tolist()}
+
+
+def plot_memory(runs: Sequence[RunRecord], path: str | Path, *, title: str = "",
+                buckets: int = 2000) -> Path:
+    """PNG of mapped (solid) and live (dashed) KV memory in GiB over simulated time, every
+    policy on one axis (log scale when the largest mapped figure is over 20x the smallest
+    live average, so a static reservation does not flatten the others). Returns the path."""
+    import matplotlib
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(11, 5.5), dpi=110)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    lo, hi = math.inf, 0.0
+    for i, run in enumerate(runs):
+        b = bucket_timeline(run, buckets)
+        col = colours[i % len(colours)]
+        ax.step(b["t_s"], b["mapped_gib"], where="post", color=col, lw=1.4,
+                label=f"{run.policy} mapped")
+        ax.step(b["t_s"], b["live_gib"], where="post", color=col, lw=1.0, ls="--",
+                label=f"{run.policy} live")
+        pos = [v for v in b["live_gib"] if v > 0]
+        if pos:
+            lo = min(lo, float(np.median(pos)))
+        hi = max(hi, max(b["mapped_gib"]))
+    if math.isfinite(lo) and hi > 20 * lo:
+        ax.set_yscale("log")
+        # Idle stretches would pull a log axis down to nothing; keep the busy range in view.
+        ax.set_ylim(bottom=lo / 30, top=hi * 1.5)
+    ax.set_xlabel("simulated time (s)")
+    ax.set_ylabel("KV memory (GiB)")
+    ax.set_title(title or "mapped (solid) and live (dashed) KV memory")
+    ax.grid(True, alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=2, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def check_targets(summaries: Sequence[Mapping[str, Any]], policy: str = "windowed:empirical",
+                  baseline: str = "static") -> list[dict[str, Any]]:
+    """The issue's targets for ``policy`` against ``baseline`` (both policy names present in
+    ``summaries``; an empty list when either is missing):
+
+    - mapped / live, time average <= 1.15;
+    - preemptions <= the baseline's;
+    - throughput (tokens/s) within 2% of the baseline's (not more than 2% lower);
+    - modeled time in map, unmap and compaction < 1% of the replayed time.
+
+    Returns one dict per target: ``target`` (text), ``measured`` (text), ``met`` (bool).
+    """
+    by = {s["policy"]: s for s in summaries}
+    if policy not in by or baseline not in by:
+        return []
+    p, b = by[policy], by[baseline]
+    ratio = p["mapped_to_live_avg"]
+    thr_p, thr_b = p["throughput_tok_s"], b["throughput_tok_s"]
+    rel = (thr_p / thr_b - 1.0) if thr_p is not None and thr_b else None
+    frac = p["arena_time_frac"]
+    return [
+        {"target": f"{policy}: mapped / live (time avg) <= 1.15x",
+         "measured": _fmt(ratio, "x"), "met": ratio is not None and ratio <= 1.15},
+        {"target": f"{policy}: preemptions <= {baseline}'s",
+         "measured": f"{p['preemptions']} vs {b['preemptions']}",
+         "met": p["preemptions"] <= b["preemptions"]},
+        {"target": f"{policy}: throughput within 2% of {baseline}'s",
+         "measured": "n/a" if rel is None else
+         f"{rel * 100:+.2f}% ({thr_p:,.1f} vs {thr_b:,.1f} tok/s)",
+         "met": rel is not None and rel >= -0.02},
+        {"target": f"{policy}: map + unmap + compaction < 1% of replayed time",
+         "measured": _fmt(frac, "pct") + f" ({p['arena_time_s']:.1f} s of {p['replayed_s']:.0f} s)",
+         "met": frac is not None and frac < 0.01},
+    ]
+
+
+def targets_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """:func:`check_targets` rows as a Markdown table (no trailing newline)."""
+    lines = ["| target | measured | met |", "|---|---|:---:|"]
+    lines += [f"| {r['target']} | {r['measured']} | {'yes' if r['met'] else 'NO'} |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_json(path: str | Path, doc: Mapping[str, Any]) -> Path:
+    """Write ``doc`` as indented JSON (NaN and infinities become null). Returns the path."""
+    def clean(x: Any) -> Any:
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {str(k): clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        if isinstance(x, np.generic):
+            return clean(x.item())
+        if isinstance(x, np.ndarray):
+            return clean(x.tolist())
+        return x
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(clean(dict(doc)), indent=2, allow_nan=False)
+    # Lists of plain numbers on one line each: a timeline is then a few lines, not thousands.
+    text = re.sub(r"\[\s+([-+0-9.eE,\s]+?|null)\s+\]",
+                  lambda m: "[" + re.sub(r"\s+", " ", m.group(1)).strip() + "]", text)
+    path.write_text(text + "\n")
+    return path
+
+
+def iter_rows(summaries: Iterable[Mapping[str, Any]]) -> Iterable[tuple[str, list[str]]]:
+    """(label, formatted cells) per row of :data:`METRIC_ROWS`; for callers building other
+    tables from the same figures."""
+    summaries = list(summaries)
+    for label, key, kind in METRIC_ROWS:
+        yield label, [" / ".join(_fmt(s.get(k), kind) for k in key.split("|")) for s in summaries]
