@@ -410,6 +410,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="windowed: shrink at a window end only when at least this many blocks "
                         "are mapped beyond the plan (hysteresis; default: the scheduler's, one "
                         "chunk)")
+    p.add_argument("--arrival-reserve-s", type=float, default=None,
+                   help="windowed: seconds of admissions (at the recent rate) whose blocks a "
+                        "shrink keeps mapped for the next window (default: the scheduler's, "
+                        "0.5 s; 0 follows live memory as closely as possible)")
     p.add_argument("--copy-kv-bytes", action="store_true",
                    help="host backend: let compaction copy block bytes with the real kernel "
                         "(slow: faults in pages of the host mapping); by default it only "
@@ -520,12 +524,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     head = header_lines(setup, trace)
     planner = None
-    if args.shrink_min_blocks is not None:
+    knobs = {k: v for k, v in (("shrink_min_blocks", args.shrink_min_blocks),
+                                ("arrival_reserve_s", args.arrival_reserve_s)) if v is not None}
+    if knobs:
         from scheduler.planner import PlannerConfig
-        if args.shrink_min_blocks < 0:
-            parser.error(f"--shrink-min-blocks must be >= 0, got {args.shrink_min_blocks}")
-        planner = PlannerConfig(shrink_min_blocks=args.shrink_min_blocks)
-        head.append(f"windowed planner: shrink_min_blocks={args.shrink_min_blocks}")
+        try:
+            planner = PlannerConfig(**knobs)
+        except (ValueError, TypeError) as exc:
+            parser.error(str(exc))
+        head.append("windowed planner: " + ", ".join(f"{k}={v}" for k, v in knobs.items()))
     if not args.quiet:
         print("\n".join(head), file=sys.stderr)
     wall0 = time.perf_counter()
@@ -541,7 +548,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "environment": environment(setup.arena_device),
         "command": "python -m bench.replay " + " ".join(sys.argv[1:] if argv is None else argv),
         "trace": trace.describe(),
-        "setup": {**setup.describe(), "shrink_min_blocks": args.shrink_min_blocks},
+        "setup": {**setup.describe(), "shrink_min_blocks": args.shrink_min_blocks,
+                  "arrival_reserve_s": args.arrival_reserve_s},
         "wall_s": wall,
         "definitions": report.__doc__,
         "policies": summaries,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -30,6 +31,11 @@ from arena import ArenaOutOfMemory
 from .metrics import EVENT_WINDOW
 from .planner import ArenaState, PlannerConfig, WindowPlanner
 from .request import Phase, RequestSet
+
+# The admission rate that sizes the windowed policy's arrival reserve is measured over
+# this many seconds of the loop's clock: long enough to smooth single arrivals, short
+# enough to follow load changes within a minute.
+_RATE_HORIZON_S = 30.0
 
 if TYPE_CHECKING:  # pragma: no cover
     from .loop import EngineLoop
@@ -200,6 +206,20 @@ class WindowedMemory(MemoryPolicy):
         self.window_steps = 0       # the current window's length in steps
         self.steps_in_window = 0
         self._had_prefill = False
+        # (clock s, prompt blocks admitted so far) at recent plans: the admission rate
+        self._admitted: deque[tuple[float, int]] = deque()
+
+    def admission_rate(self) -> float:
+        """Prompt blocks prefilled per second (the memory admissions bring in) over about
+        the last ``_RATE_HORIZON_S`` seconds of the loop's clock; records a sample."""
+        loop = self.loop
+        blocks = loop.metrics.counters.prefill_tokens // loop.block_size
+        hist = self._admitted
+        hist.append((loop.now, blocks))
+        while len(hist) > 2 and hist[1][0] <= loop.now - _RATE_HORIZON_S:
+            hist.popleft()
+        t0, b0 = hist[0]
+        return (blocks - b0) / (loop.now - t0) if loop.now > t0 else 0.0
 
     def free_blocks(self) -> int:  # pragma: no cover - the planner admits instead
         loop = self.loop
@@ -233,14 +253,21 @@ class WindowedMemory(MemoryPolicy):
             ArenaState(loop.supply_blocks(), a.mapped_blocks, a.blocks_per_chunk),
             now_s=loop.now,
             next_arrival_s=loop._pending[0][0] if loop._pending else math.inf,
-            window_end=window_end)
+            window_end=window_end,
+            admission_rate_blocks_s=self.admission_rate() if window_end else 0.0)
         c.plans += 1
         c.plan_wall_s += time.perf_counter() - t0
         for rid, swap in zip(plan.preempt_ids.tolist(), plan.preempt_swap.tolist()):
             loop.preempt(loop.requests[rid], bool(swap))
         self._set_leases(plan.prefill_target, plan.decode_target)
         if plan.shrink:
+            # The reserve rides on the prefill lease through the shrink, so the chunks that
+            # hold it stay mapped; the lease drops back after (lowering unmaps nothing).
+            pool = loop.pool_prefill
+            extra = max(0, min(plan.reserve_blocks, a.mapped_blocks - a.leased_blocks))
+            pool.resize(pool.lease + extra)
             loop._arena_op("shrink", a.shrink)
+            pool.resize(pool.lease - extra)
             c.shrinks += 1
         for r in wait[:plan.admit]:
             if not loop.admit(r):

@@ -21,8 +21,9 @@ Given the running prefill and decode sets, the waiting queue (as
   preempted in the victim policy's order until it holds; each victim is swapped or
   recomputed as the preemption mode says. Waiting requests are admitted (a prefix of the
   queue, never by preempting anything) while it still holds;
-* **shrink** — at a window end, whether mapped memory exceeds the targets by at least
-  ``shrink_min_blocks`` (then the loop compacts and unmaps).
+* **shrink** — at a window end, whether mapped memory exceeds the targets plus the
+  arrival reserve (``arrival_reserve_s`` of admissions at the recent rate) by at least
+  ``shrink_min_blocks`` (then the loop compacts and unmaps down to targets + reserve).
 
 All block counts are ints in blocks of ``block_size`` tokens.
 """
@@ -51,6 +52,10 @@ class PlannerConfig:
     ``max_running`` sequences running at once; ``min_decode_steps`` / ``max_decode_steps``
     bound the decode window; ``margin_fraction`` / ``margin_blocks`` the safety margin;
     ``shrink_min_blocks`` the excess that makes a window end shrink (None: one chunk);
+    ``arrival_reserve_s``: seconds of admissions, at the recent admission rate, whose
+    blocks a shrink keeps mapped (the *reserve*), so the next window's arrivals find memory
+    without a map call — each chunk unmapped at one window end and mapped again at the next
+    costs two driver calls and buys nothing;
     ``victim`` the victim order (name or callable, see :mod:`scheduler.policies`);
     ``preemption`` a :class:`PreemptionMode` or its mode name.
     """
@@ -65,6 +70,7 @@ class PlannerConfig:
     margin_fraction: float = 0.02
     margin_blocks: int = 1
     shrink_min_blocks: int | None = None
+    arrival_reserve_s: float = 0.5
     victim: str | VictimOrder = "most-recent"
     preemption: PreemptionMode | str = "auto"
 
@@ -81,6 +87,10 @@ class PlannerConfig:
             raise ValueError(f"margin_fraction must be in [0, 10), got {self.margin_fraction}")
         if not isinstance(self.margin_blocks, (int, np.integer)) or self.margin_blocks < 0:
             raise ValueError(f"margin_blocks must be an int >= 0, got {self.margin_blocks!r}")
+        if not (isinstance(self.arrival_reserve_s, (int, float))
+                and 0 <= self.arrival_reserve_s < math.inf):
+            raise ValueError(f"arrival_reserve_s must be a finite number >= 0, got "
+                             f"{self.arrival_reserve_s!r}")
         if self.shrink_min_blocks is not None and self.shrink_min_blocks < 0:
             raise ValueError(f"shrink_min_blocks must be >= 0, got {self.shrink_min_blocks}")
         self.victim = victim_order(self.victim)
@@ -129,8 +139,9 @@ class Plan:
     ``preempt_swap`` (bool, True = swap to host, False = recompute) in victim order;
     ``fits``: whether the allocation condition holds after the preemptions;
     ``shortfall_blocks``: what is still missing when it does not; ``shrink``: compact and
-    unmap at this window end; ``remaining``: predicted remaining tokens of the decode set
-    (int64, the decode set's order).
+    unmap at this window end; ``reserve_blocks``: blocks above the targets that shrink keeps
+    mapped for the next window's admissions; ``remaining``: predicted remaining tokens of
+    the decode set (int64, the decode set's order).
     """
 
     prefill_window_s: float
@@ -149,6 +160,7 @@ class Plan:
     shortfall_blocks: int
     shrink: bool
     remaining: np.ndarray = field(repr=False)
+    reserve_blocks: int = 0
 
 
 _SMALL = 8   # sets up to this size are summed in plain Python
@@ -346,14 +358,16 @@ class WindowPlanner:
     # ------------------------------------------------------------------ the plan
     def plan(self, prefill: RequestSet, decode: RequestSet, waiting: RequestSet | None,
              arena: ArenaState, *, now_s: float = 0.0, next_arrival_s: float = _INF,
-             window_end: bool = True) -> Plan:
+             window_end: bool = True, admission_rate_blocks_s: float = 0.0) -> Plan:
         """Plan the next window (see the module docstring).
 
         ``prefill`` / ``decode``: the running sets; ``waiting``: the queue in admission
         order (entries with ``swapped`` resume by swap-in straight into decode, the others
         by a prefill of ``prefill_len`` tokens); ``arena``: the supply; ``now_s`` and
         ``next_arrival_s`` (seconds on the loop's clock) bound the decode window by the
-        next arrival; ``window_end``: whether a shrink may be planned now.
+        next arrival; ``window_end``: whether a shrink may be planned now;
+        ``admission_rate_blocks_s``: blocks admitted per second lately (sizes the reserve
+        a shrink keeps, see :class:`PlannerConfig`).
         """
         cfg = self.config
         supply = int(arena.supply_blocks)
@@ -414,7 +428,8 @@ class WindowPlanner:
                 cut = min(deficit, e.pre_growth)
                 e.pre_growth -= cut
                 shortfall = deficit
-        return self._finish(e, admit, preempt, swap, shortfall, arena, window_end)
+        return self._finish(e, admit, preempt, swap, shortfall, arena, window_end,
+                            admission_rate_blocks_s)
 
     def _admit(self, waiting: RequestSet, prefill: RequestSet, e: "_Eval",
                leftover: int) -> int:
@@ -466,7 +481,8 @@ class WindowPlanner:
         return fit
 
     def _finish(self, e: "_Eval", admit: int, preempt: np.ndarray, swap: np.ndarray,
-                shortfall: int, arena: ArenaState, window_end: bool) -> Plan:
+                shortfall: int, arena: ArenaState, window_end: bool,
+                admission_rate: float = 0.0) -> Plan:
         cfg = self.config
         c4 = self.latency.c[4]
         k, nd = e.k, e.nd
@@ -477,14 +493,19 @@ class WindowPlanner:
         t_p, t_d = pre.target, dec.target
         bpc = max(int(arena.blocks_per_chunk), 1)
         thresh = cfg.shrink_min_blocks if cfg.shrink_min_blocks is not None else bpc
-        top = -(-(t_p + t_d) // bpc) * bpc
+        reserve = 0
+        if admission_rate > 0 and cfg.arrival_reserve_s > 0:
+            reserve = min(math.ceil(admission_rate * cfg.arrival_reserve_s),
+                          max(int(arena.supply_blocks) - t_p - t_d, 0))
+        top = -(-(t_p + t_d + reserve) // bpc) * bpc
         shrink = bool(window_end and arena.mapped_blocks - top >= max(thresh, 1))
         return Plan(prefill_window_s=float(e.pre_window), decode_window_s=float(decode_window),
                     decode_steps=int(k), prefill_steps=int(e.pre_steps),
                     step_time_s=float(e.step), prefill=pre, decode=dec,
                     prefill_target=t_p, decode_target=t_d, admit=int(admit),
                     preempt_ids=preempt, preempt_swap=swap, fits=shortfall == 0,
-                    shortfall_blocks=int(shortfall), shrink=shrink, remaining=e.rem)
+                    shortfall_blocks=int(shortfall), shrink=shrink,
+                    reserve_blocks=int(reserve), remaining=e.rem)
 
 
 class _Eval:

@@ -88,7 +88,8 @@ def test_kernels_read_the_right_blocks_through_shrinks_and_preemptions(
                       LoopConfig(memory="windowed", predictor=OneTokenLeft(),
                                  cap_bytes=cap_chunks * PAGE, token_budget=24,
                                  preemption=preemption,
-                                 planner=PlannerConfig(min_decode_steps=2, max_decode_steps=6)),
+                                 planner=PlannerConfig(min_decode_steps=2, max_decode_steps=6,
+                                                       arrival_reserve_s=0.0)),
                       cost_model=ModeledGPUCost())
     reqs = [Request(i, prompt_tokens=5 + 3 * i, max_tokens=20,
                     output_tokens=out_base + (i * 5) % 9, arrival_s=gap_s * i) for i in range(6)]

@@ -205,8 +205,11 @@ def test_plot_memory_writes_png(tmp_path):
 
 
 # ------------------------------------------------------------------------------ end to end
+# No arrival reserve: the tiny traces span 2 s, so half a second of admissions would keep
+# nearly everything mapped and no window would shrink (the reserve is tested in the
+# scheduler's tests).
 TINY = ["--model", "tiny", "--device-memory-gib", "0.25", "--activation-reserve-gib", "0.05",
-        "--max-tokens", "256", "--quiet"]
+        "--max-tokens", "256", "--arrival-reserve-s", "0", "--quiet"]
 
 
 def _tiny_trace(tmp_path, n: int = 40, seed: int = 0, prompt_range=(20, 600)):
@@ -285,9 +288,12 @@ def test_run_policy_timeline_and_copy_free_compaction_agree(tmp_path):
     # long prompts: the tiny model's 2 MiB chunk holds 2048 tokens, compaction needs several
     _, trace = _tiny_trace(tmp_path, n=12, seed=3, prompt_range=(1000, 4000))
     kw = dict(model="tiny", device_memory_gib=0.25, activation_reserve_gib=0.05, max_tokens=256)
-    fast = replay.run_policy(replay.build_setup(**kw), trace, "windowed:oracle", progress=False)
+    from scheduler.planner import PlannerConfig
+    planner = PlannerConfig(arrival_reserve_s=0.0)   # see TINY
+    fast = replay.run_policy(replay.build_setup(**kw), trace, "windowed:oracle", progress=False,
+                             planner=planner)
     real = replay.run_policy(replay.build_setup(copy_kv_bytes=True, **kw), trace,
-                             "windowed:oracle", progress=False)
+                             "windowed:oracle", progress=False, planner=planner)
     assert fast.counters["compaction_moves"] > 0
     np.testing.assert_array_equal(fast.mapped_bytes, real.mapped_bytes)
     np.testing.assert_array_equal(fast.finish_s, real.finish_s)

@@ -21,7 +21,9 @@ LAT = (1e-3, 1e-6, 1e-9, 1e-5, 1e-8)
 def setup(memory, cap_chunks, preemption, **cfg):
     arena = PagedArena(SPEC, 32 * PAGE, "cpu", granularity=PAGE, max_seqs=16)
     model = SyntheticKVModel(arena, 1e-3)
-    cfg.setdefault("planner", PlannerConfig(min_decode_steps=2, max_decode_steps=8))
+    # No arrival reserve: on a millisecond clock it would keep everything mapped.
+    cfg.setdefault("planner", PlannerConfig(min_decode_steps=2, max_decode_steps=8,
+                                            arrival_reserve_s=0.0))
     loop = EngineLoop(arena, model, LatencyModel(LAT),
                       LoopConfig(memory=memory, cap_bytes=cap_chunks * PAGE, token_budget=32,
                                  preemption=preemption, **cfg),

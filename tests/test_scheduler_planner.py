@@ -56,6 +56,23 @@ def test_exact_windows_demands_and_targets():
     assert not _planner().plan(pre, dec, None, ArenaState(100, 64, 16), window_end=False).shrink
 
 
+def test_arrival_reserve_keeps_blocks_mapped_through_a_shrink():
+    pre, dec = _sets()                      # targets 7 + 12 = 19 blocks, chunks of 16
+    plan = _planner(arrival_reserve_s=0.5).plan
+    # 30 blocks/s for 0.5 s: a reserve of 15, top ceil-to-chunk(34) = 48.
+    p = plan(pre, dec, None, ArenaState(100, 64, 16), admission_rate_blocks_s=30.0)
+    assert p.reserve_blocks == 15 and p.shrink
+    p = plan(pre, dec, None, ArenaState(100, 48, 16), admission_rate_blocks_s=30.0)
+    assert p.reserve_blocks == 15 and not p.shrink  # 48 mapped: nothing above the reserve
+    # The reserve never asks for more than the supply leaves after the targets.
+    assert plan(pre, dec, None, ArenaState(25, 64, 16),
+                admission_rate_blocks_s=30.0).reserve_blocks == 6
+    # No rate, or a zero reserve time: no reserve.
+    assert plan(pre, dec, None, ArenaState(100, 64, 16)).reserve_blocks == 0
+    assert _planner(arrival_reserve_s=0.0).plan(
+        pre, dec, None, ArenaState(100, 64, 16), admission_rate_blocks_s=30.0).reserve_blocks == 0
+
+
 def test_margin_fraction_and_window_bounds():
     pre, dec = _sets()
     p = _planner(margin_fraction=0.5, margin_blocks=0, min_decode_steps=6).plan(
@@ -179,6 +196,8 @@ def test_bad_config_raises():
         PlannerConfig(block_size=0)
     with pytest.raises(ValueError, match="victim"):
         PlannerConfig(victim="random")
+    with pytest.raises(ValueError, match="arrival_reserve_s"):
+        PlannerConfig(arrival_reserve_s=-1.0)
     with pytest.raises(TypeError, match="latency"):
         WindowPlanner("fast")
     with pytest.raises(ValueError, match="kv_len"):
