@@ -413,7 +413,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--arrival-reserve-s", type=float, default=None,
                    help="windowed: seconds of admissions (at the recent rate) whose blocks a "
                         "shrink keeps mapped for the next window (default: the scheduler's, "
-                        "0.5 s; 0 follows live memory as closely as possible)")
+                        "0.25 s; 0 follows live memory as closely as possible)")
     p.add_argument("--copy-kv-bytes", action="store_true",
                    help="host backend: let compaction copy block bytes with the real kernel "
                         "(slow: faults in pages of the host mapping); by default it only "

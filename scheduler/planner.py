@@ -70,7 +70,7 @@ class PlannerConfig:
     margin_fraction: float = 0.02
     margin_blocks: int = 1
     shrink_min_blocks: int | None = None
-    arrival_reserve_s: float = 0.5
+    arrival_reserve_s: float = 0.25
     victim: str | VictimOrder = "most-recent"
     preemption: PreemptionMode | str = "auto"
 
