@@ -4,6 +4,8 @@ Checks here never synchronise with a device: values of CUDA tensors are not read
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Iterable
 
 import torch
@@ -43,3 +45,53 @@ def check_shape(name: str, t: torch.Tensor, expected: tuple) -> None:
 def host_values(t: torch.Tensor) -> torch.Tensor | None:
     """``t`` itself when its values can be read without a device sync (CPU), else None."""
     return t if t.device.type == "cpu" else None
+
+
+def check_kv_cache(kv_cache: object) -> tuple[int, int, int, int]:
+    """Check one layer's cache view; returns (num_blocks, block_size, num_kv_heads, head_dim).
+
+    Raises TypeError/ValueError naming ``kv_cache`` unless it is a float16/bfloat16/float32
+    tensor ``[num_blocks, 2, block_size, num_kv_heads, head_dim]`` with no empty dimension and
+    a contiguous head_dim. Shared by every kernel that reads or writes the cache.
+    """
+    check_tensor("kv_cache", kv_cache, ndim=5, dtypes=FLOAT_DTYPES)
+    num_blocks, two, block_size, num_kv_heads, head_dim = kv_cache.shape
+    if two != 2:
+        raise ValueError("kv_cache must be [num_blocks, 2, block_size, num_kv_heads, head_dim], "
+                         f"got shape {tuple(kv_cache.shape)}")
+    if min(kv_cache.shape) < 1:
+        raise ValueError(f"kv_cache has an empty dimension: shape {tuple(kv_cache.shape)}")
+    if kv_cache.stride(-1) != 1:
+        raise ValueError("kv_cache must have a contiguous head_dim, "
+                         f"got strides {kv_cache.stride()}")
+    return num_blocks, block_size, num_kv_heads, head_dim
+
+
+def check_scale(scale, head_dim: int) -> float:
+    """The softmax scale to use: ``head_dim ** -0.5`` for None, else ``scale`` as a float.
+    TypeError unless a real number; ValueError unless finite."""
+    if scale is None:
+        return head_dim ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return float(scale)
+
+
+def check_block_ids(table: torch.Tensor, lens: torch.Tensor, block_size: int, num_blocks: int,
+                    active: torch.Tensor | None = None) -> None:
+    """Host tensors only: every entry a sequence uses (the first ``ceil(lens[i] /
+    block_size)`` of row i, for rows where ``active`` is True) must be a block id in
+    ``[0, num_blocks)``; padding beyond may hold anything. Raises ValueError naming
+    ``block_tables`` and the first bad entry."""
+    width = table.shape[1]
+    used = (torch.arange(width).unsqueeze(0)
+            < ((lens.long() + block_size - 1) // block_size).unsqueeze(1))
+    if active is not None:
+        used &= active.unsqueeze(1)
+    bad = used & ((table < 0) | (table >= num_blocks))
+    if bad.any():
+        i, j = (int(x) for x in bad.nonzero()[0])
+        raise ValueError(f"block_tables[{i}, {j}] = {int(table[i, j])} is outside the cache's "
+                         f"{num_blocks} blocks")

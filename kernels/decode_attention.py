@@ -24,9 +24,9 @@ import triton
 import triton.language as tl
 
 from . import ops, reference
-from ._checks import FLOAT_DTYPES, check_shape, check_tensor, host_values
+from ._checks import (FLOAT_DTYPES, check_block_ids, check_kv_cache, check_scale, check_shape,
+                      check_tensor, host_values)
 from ._runtime import INTERPRET, use_triton
-from .write_kv import check_kv_cache
 
 _LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -246,16 +246,6 @@ def launch_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
             BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d, num_warps=4)
 
 
-def _check_scale(scale, head_dim: int) -> float:
-    if scale is None:
-        return head_dim ** -0.5
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
-    return float(scale)
-
-
 def validate_decode(query, kv_cache, block_tables, seq_lens, num_splits) -> None:
     """Raise TypeError/ValueError naming the bad argument; reads values of CPU tensors only."""
     num_cache_blocks, block_size, num_kv_heads, head_dim = check_kv_cache(kv_cache)
@@ -289,13 +279,7 @@ def validate_decode(query, kv_cache, block_tables, seq_lens, num_splits) -> None
     if hi > reach:
         raise ValueError(f"seq_lens holds {hi} tokens but block_tables has "
                          f"{block_tables.shape[1]} columns x block_size {block_size} = {reach}")
-    used = (torch.arange(block_tables.shape[1]).unsqueeze(0)
-            < ((lens.long() + block_size - 1) // block_size).unsqueeze(1))
-    bad = used & ((table < 0) | (table >= num_cache_blocks))
-    if bad.any():
-        i, j = (int(x) for x in bad.nonzero()[0])
-        raise ValueError(f"block_tables[{i}, {j}] = {int(table[i, j])} is outside the cache's "
-                         f"{num_cache_blocks} blocks")
+    check_block_ids(table, lens, block_size, num_cache_blocks)
 
 
 def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
@@ -320,7 +304,7 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
     nothing is read back, so the call can be captured in a CUDA graph.
     """
     validate_decode(query, kv_cache, block_tables, seq_lens, num_splits)
-    scale = _check_scale(scale, kv_cache.shape[-1])
+    scale = check_scale(scale, kv_cache.shape[-1])
     out = ops.prepare_out(out, query)
     if query.shape[0] == 0:
         return out

@@ -33,7 +33,6 @@ The public function is a thin wrapper over the custom op ``kvarena::paged_prefil
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -41,7 +40,8 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._checks import FLOAT_DTYPES, check_shape, check_tensor, host_values
+from ._checks import (FLOAT_DTYPES, check_block_ids, check_kv_cache, check_scale, check_shape,
+                      check_tensor, host_values)
 from ._runtime import INTERPRET, use_triton
 
 _LOG2E = 1.4426950408889634
@@ -217,31 +217,19 @@ def default_config(head_dim: int, group: int, dtype: torch.dtype, *,
     return TileConfig(block_m, block_n, heads, warps, stages)
 
 
-def _is_number(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
 def _validate(query, kv_cache, block_tables, seq_lens, query_start_loc, scale, out):
     """Every check that needs no device sync; index values too when they are on the host."""
     check_tensor("query", query, ndim=3, dtypes=FLOAT_DTYPES)
     device = query.device
-    check_tensor("kv_cache", kv_cache, ndim=5, dtypes=FLOAT_DTYPES, device=device)
+    num_blocks, block_size, num_kv_heads, kv_head_dim = check_kv_cache(kv_cache)
+    check_tensor("kv_cache", kv_cache, device=device)
     if kv_cache.dtype != query.dtype:
         raise TypeError(f"kv_cache dtype {kv_cache.dtype} must equal query dtype {query.dtype}")
     num_tokens, num_heads, head_dim = query.shape
-    num_blocks, two, block_size, num_kv_heads, kv_head_dim = kv_cache.shape
-    if two != 2:
-        raise ValueError("kv_cache must be [num_blocks, 2, block_size, num_kv_heads, head_dim], "
-                         f"got shape {tuple(kv_cache.shape)}")
     if kv_head_dim != head_dim:
         raise ValueError(f"kv_cache head_dim {kv_head_dim} must equal query head_dim {head_dim}")
     if not 1 <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"query head_dim must be in [1, {MAX_HEAD_DIM}], got {head_dim}")
-    if block_size < 1 or num_kv_heads < 1 or num_blocks < 1:
-        raise ValueError(f"kv_cache has an empty dimension: shape {tuple(kv_cache.shape)}")
-    if kv_cache.stride(-1) != 1:
-        raise ValueError("kv_cache head_dim must be contiguous (stride 1), "
-                         f"got strides {kv_cache.stride()}")
     if num_heads < 1 or num_heads % num_kv_heads:
         raise ValueError(f"query num_heads {num_heads} must be a positive multiple of "
                          f"kv_cache num_kv_heads {num_kv_heads}")
@@ -251,8 +239,7 @@ def _validate(query, kv_cache, block_tables, seq_lens, query_start_loc, scale, o
     check_shape("seq_lens", seq_lens, (num_seqs,))
     check_tensor("query_start_loc", query_start_loc, ndim=1, dtypes=(torch.int32,), device=device)
     check_shape("query_start_loc", query_start_loc, (num_seqs + 1,))
-    if scale is not None and not (_is_number(scale) and math.isfinite(scale)):
-        raise TypeError(f"scale must be a finite float or None, got {scale!r}")
+    check_scale(scale, head_dim)
     if out is not None:
         check_tensor("out", out, dtypes=(query.dtype,), device=device)
         check_shape("out", out, tuple(query.shape))
@@ -290,13 +277,8 @@ def _validate_host_indices(num_tokens, block_size, num_blocks, block_tables, seq
     if width * block_size < max_len:
         raise ValueError(f"block_tables width {width} x block_size {block_size} cannot hold "
                          f"seq_lens up to {max_len}")
-    # Only the entries a sequence uses must be valid block ids: padding may hold anything.
-    used = torch.arange(width).unsqueeze(0) < ((lens + block_size - 1) // block_size).unsqueeze(1)
-    used &= (q_lens > 0).unsqueeze(1)
-    ids = table[used]
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_blocks):
-        raise ValueError(f"block_tables holds block ids in [{int(ids.min())}, {int(ids.max())}] "
-                         f"outside [0, {num_blocks}) for the blocks the sequences use")
+    # Only the entries a sequence with queries uses must be valid: padding may hold anything.
+    check_block_ids(table, lens, block_size, num_blocks, active=q_lens > 0)
 
 
 def _launch(query, kv_cache, block_tables, seq_lens, query_start_loc, out, scale: float,
@@ -379,7 +361,7 @@ def paged_prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor,
     (CUDA-graph capturable); index values are range-checked only when they are on the host.
     """
     _validate(query, kv_cache, block_tables, seq_lens, query_start_loc, scale, out)
-    scale = float(query.shape[-1] ** -0.5 if scale is None else scale)
+    scale = check_scale(scale, query.shape[-1])
     if out is None:
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     torch.ops.kvarena.paged_prefill_attention(query, kv_cache, block_tables, seq_lens,

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from . import ops, reference
-from ._checks import FLOAT_DTYPES, check_shape, check_tensor, host_values
+from ._checks import FLOAT_DTYPES, check_kv_cache, check_shape, check_tensor, host_values
 from ._runtime import use_triton
 
 # Elements of K (and as many of V) one program moves: big enough for full 16-byte vectors
@@ -44,26 +44,6 @@ def _write_kv_kernel(cache_ptr, key_ptr, value_ptr, slot_ptr,
         ty = cache_ptr.dtype.element_ty
         tl.store(dst, k.to(ty), mask=mask)
         tl.store(dst + s_ckv, v.to(ty), mask=mask)
-
-
-def check_kv_cache(kv_cache: object) -> tuple[int, int, int, int]:
-    """Check one layer's cache view; returns (num_blocks, block_size, num_kv_heads, head_dim).
-
-    Raises TypeError/ValueError naming ``kv_cache`` unless it is a float16/bfloat16/float32
-    tensor ``[num_blocks, 2, block_size, num_kv_heads, head_dim]`` with no empty dimension and
-    a contiguous head_dim. Shared by every kernel that reads or writes the cache.
-    """
-    check_tensor("kv_cache", kv_cache, ndim=5, dtypes=FLOAT_DTYPES)
-    num_blocks, two, block_size, num_kv_heads, head_dim = kv_cache.shape
-    if two != 2:
-        raise ValueError("kv_cache must be [num_blocks, 2, block_size, num_kv_heads, head_dim], "
-                         f"got shape {tuple(kv_cache.shape)}")
-    if min(kv_cache.shape) < 1:
-        raise ValueError(f"kv_cache has an empty dimension: shape {tuple(kv_cache.shape)}")
-    if kv_cache.stride(-1) != 1:
-        raise ValueError("kv_cache must have a contiguous head_dim, "
-                         f"got strides {kv_cache.stride()}")
-    return num_blocks, block_size, num_kv_heads, head_dim
 
 
 def validate_write_kv(kv_cache, key, value, slot_mapping) -> None:

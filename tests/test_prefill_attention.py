@@ -280,7 +280,7 @@ BAD = [
     ("block_id_too_large", _edit_values(2, lambda t: t.__setitem__((0, 0), 10_000)), ValueError,
      "block_tables"),
     ("scale_type", lambda a: a[5].__setitem__("scale", "0.5"), TypeError, "scale"),
-    ("scale_nan", lambda a: a[5].__setitem__("scale", float("nan")), TypeError, "scale"),
+    ("scale_nan", lambda a: a[5].__setitem__("scale", float("nan")), ValueError, "scale"),
     ("out_shape", lambda a: a[5].__setitem__("out", torch.zeros(45, 4, 16, dtype=torch.float16)),
      ValueError, "out"),
     ("out_dtype", lambda a: a[5].__setitem__("out", torch.zeros(45, 4, 32)), TypeError, "out"),
