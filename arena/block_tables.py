@@ -13,21 +13,30 @@ PAD = -1
 
 
 class BlockTables:
-    """Host table (numpy) + device mirror (torch int32) for up to ``max_seqs`` sequences."""
+    """Host table (numpy) + device mirror (torch int32) for up to ``max_seqs`` sequences,
+    holding block ids in ``[0, num_blocks)``.
 
-    def __init__(self, max_seqs: int, max_blocks_per_seq: int, device: torch.device):
+    On a CPU arena the device table is the host table's memory. ``separate_mirror=True``
+    keeps a separate device copy even on the CPU, so tests exercise the GPU code path.
+    """
+
+    def __init__(self, max_seqs: int, max_blocks_per_seq: int, device: torch.device, *,
+                 num_blocks: int | None = None, separate_mirror: bool = False):
         if max_seqs < 1:
             raise ValueError(f"max_seqs must be >= 1, got {max_seqs}")
         if max_blocks_per_seq < 1:
             raise ValueError(f"max_blocks_per_seq must be >= 1, got {max_blocks_per_seq}")
+        if num_blocks is not None and num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         self.max_seqs = int(max_seqs)
         self.max_blocks_per_seq = int(max_blocks_per_seq)
+        self.num_blocks = np.iinfo(np.int32).max if num_blocks is None else int(num_blocks)
         self.device = torch.device(device)
         self.host = np.full((self.max_seqs, self.max_blocks_per_seq), PAD, dtype=np.int32)
         self.lengths = np.zeros(self.max_seqs, dtype=np.int64)
         self._rows: dict[int, int] = {}
         self._free_rows = list(range(self.max_seqs - 1, -1, -1))
-        if self.device.type == "cpu":
+        if self.device.type == "cpu" and not separate_mirror:
             # Same memory: the "device" table is the host table, always in sync.
             self._device = torch.from_numpy(self.host)
             self._dirty: set[int] | None = None
@@ -65,13 +74,17 @@ class BlockTables:
     def append(self, seq_id: int, block_ids) -> None:
         """Append ``block_ids`` (int array-like) to ``seq_id``'s table."""
         row = self._row_of(seq_id)
-        ids = np.asarray(block_ids, dtype=np.int64).reshape(-1)
+        ids = np.asarray(block_ids)
+        if ids.dtype == object or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+            raise TypeError(f"block_ids must hold integers, got dtype {ids.dtype}")
+        ids = ids.astype(np.int64).reshape(-1)
         n, start = ids.size, int(self.lengths[row])
         if start + n > self.max_blocks_per_seq:
             raise ValueError(f"block_ids would grow seq_id {seq_id!r} to {start + n} blocks, "
                              f"above max_blocks_per_seq={self.max_blocks_per_seq}")
-        if n and (ids.min() < 0 or ids.max() > np.iinfo(np.int32).max):
-            raise ValueError("block_ids must be non-negative int32 values")
+        if n and (ids.min() < 0 or ids.max() >= self.num_blocks):
+            raise ValueError(f"block_ids must be block ids in [0, {self.num_blocks}), got "
+                             f"[{ids.min()}, {ids.max()}]")
         self.host[row, start:start + n] = ids
         self.lengths[row] = start + n
         self._touch(row)
@@ -129,12 +142,12 @@ class BlockTables:
         self._dirty.clear()
 
     def remap_host(self, src: np.ndarray, dst: np.ndarray, num_blocks: int) -> None:
-        """Apply the compaction remap (``src[k]`` -> ``dst[k]``) to the host mirror. On a CPU
-        arena the kernel already rewrote this memory; applying it again changes nothing,
-        because src and dst are disjoint."""
+        """Apply the compaction remap (``src[k]`` -> ``dst[k]``) to the host mirror, exactly
+        as the kernel treats the device table: entries outside ``[0, num_blocks)`` are left
+        alone. Nothing to do when the host table is the device table (the kernel rewrote it)."""
         if src.size == 0 or self._dirty is None:
             return
         remap = np.arange(num_blocks, dtype=np.int32)
         remap[src] = dst
-        valid = self.host >= 0
+        valid = (self.host >= 0) & (self.host < num_blocks)
         self.host[valid] = remap[self.host[valid]]

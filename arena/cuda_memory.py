@@ -7,8 +7,11 @@ moves; every chunk is its own physical allocation (``cuMemCreate``) mapped into 
 torch by DLPack: one tensor, one address, for the arena's whole life, which keeps CUDA graphs
 captured over it valid while the arena grows and shrinks.
 
-Every unmap first waits on an event recorded on the current torch stream, so no queued kernel
-can still read the chunk when it disappears (otherwise: CUDA_ERROR_ILLEGAL_ADDRESS).
+Every unmap (or batch of unmaps) first waits on a CuPy event recorded on the current torch
+stream, so no kernel queued there can still read the chunk when it disappears (otherwise:
+CUDA_ERROR_ILLEGAL_ADDRESS). An engine that runs kernels over the arena on other streams
+must make the current stream wait for them before it shrinks (as it would before freeing
+any memory those streams use).
 
 cuda-bindings and CuPy are imported here only, lazily: the CPU path never needs them.
 """
@@ -41,6 +44,25 @@ def _check(result, what: str):
     return values[0] if len(values) == 1 else tuple(values)
 
 
+def _allocation_prop(driver, index: int):
+    prop = driver.CUmemAllocationProp()
+    prop.type = driver.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
+    prop.location.type = driver.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+    prop.location.id = index
+    return prop
+
+
+def allocation_granularity(index: int) -> int:
+    """Minimum physical allocation granularity in bytes of CUDA device ``index`` (2 MiB on
+    current NVIDIA GPUs), from cuMemGetAllocationGranularity."""
+    driver = _driver()
+    _check(driver.cuInit(0), "cuInit")
+    return int(_check(driver.cuMemGetAllocationGranularity(
+        _allocation_prop(driver, index),
+        driver.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM),
+        "cuMemGetAllocationGranularity"))
+
+
 class CudaMemory(DeviceMemory):
     """A reserved CUDA virtual range on ``device`` with per-chunk physical mappings.
 
@@ -63,19 +85,13 @@ class CudaMemory(DeviceMemory):
         torch.cuda.init()
         with torch.cuda.device(index):
             torch.empty(1, device=self.device)
-        _check(driver.cuInit(0), "cuInit")
-        self._prop = driver.CUmemAllocationProp()
-        self._prop.type = driver.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
-        self._prop.location.type = driver.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
-        self._prop.location.id = index
+        self._index = index
+        self.granularity = allocation_granularity(index)
+        self._prop = _allocation_prop(driver, index)
         self._access = driver.CUmemAccessDesc()
         self._access.location.type = driver.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
         self._access.location.id = index
         self._access.flags = driver.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
-        self.granularity = int(_check(driver.cuMemGetAllocationGranularity(
-            self._prop,
-            driver.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM),
-            "cuMemGetAllocationGranularity"))
         if reserved_bytes <= 0 or reserved_bytes % self.granularity:
             raise ValueError(f"reserved_bytes must be a positive multiple of the device "
                              f"granularity {self.granularity}, got {reserved_bytes}")
@@ -135,20 +151,29 @@ class CudaMemory(DeviceMemory):
         self._mapped += nbytes
 
     def unmap(self, offset: int, nbytes: int) -> None:
-        entry = self._handles.get(offset)
-        if entry is None or entry[1] != nbytes:
-            raise ValueError(f"no chunk of {nbytes} bytes is mapped at offset {offset}")
+        self.unmap_many([(offset, nbytes)])
+
+    def unmap_many(self, ranges: list[tuple[int, int]]) -> None:
+        for offset, nbytes in ranges:
+            entry = self._handles.get(offset)
+            if entry is None or entry[1] != nbytes:
+                raise ValueError(f"no chunk of {nbytes} bytes is mapped at offset {offset}")
+        if not ranges:
+            return
         driver = _driver()
-        # Order the unmap after every kernel queued so far on torch's stream.
-        stream = self._cupy.cuda.ExternalStream(torch.cuda.current_stream(self.device).cuda_stream)
-        event = self._cupy.cuda.Event(disable_timing=True)
-        event.record(stream)
-        event.synchronize()
-        addr = int(self._base) + offset
-        _check(driver.cuMemUnmap(addr, nbytes), "cuMemUnmap")
-        _check(driver.cuMemRelease(entry[0]), "cuMemRelease")
-        del self._handles[offset]
-        self._mapped -= nbytes
+        cupy = self._cupy
+        # One wait for the batch: every kernel queued so far on torch's stream is done.
+        with cupy.cuda.Device(self._index):
+            stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(self.device).cuda_stream)
+            event = cupy.cuda.Event(disable_timing=True)
+            event.record(stream)
+            event.synchronize()
+        for offset, nbytes in ranges:
+            addr = int(self._base) + offset
+            _check(driver.cuMemUnmap(addr, nbytes), "cuMemUnmap")
+            _check(driver.cuMemRelease(self._handles[offset][0]), "cuMemRelease")
+            del self._handles[offset]
+            self._mapped -= nbytes
 
     def tensor(self) -> torch.Tensor:
         return self._view

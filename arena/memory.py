@@ -44,6 +44,12 @@ class DeviceMemory(ABC):
         """Return the memory of a mapped chunk to the device, after every kernel already
         queued that may use it has finished."""
 
+    def unmap_many(self, ranges: list[tuple[int, int]]) -> None:
+        """Unmap several chunks ``[(offset, nbytes), ...]``; backends that must wait for the
+        device first wait once for the whole batch."""
+        for offset, nbytes in ranges:
+            self.unmap(offset, nbytes)
+
     @abstractmethod
     def free_bytes(self) -> int:
         """Bytes the device could still map now (never more than the unmapped reserve)."""

@@ -59,10 +59,14 @@ class PagedArena:
             raise ValueError(f"max_bytes must be a positive integer, got {max_bytes!r}")
         self.spec = spec
         dev = torch.device(device) if backend is None else backend.device
-        gran = backend.granularity if backend is not None else (
-            GPU_GRANULARITY if granularity is None or dev.type == "cuda" else int(granularity))
-        if dev.type == "cuda" and backend is None:
-            gran = self._cuda_granularity(dev)
+        if backend is not None:
+            gran = backend.granularity
+        elif dev.type == "cuda":
+            from .cuda_memory import allocation_granularity
+            gran = allocation_granularity(dev.index if dev.index is not None
+                                          else torch.cuda.current_device())
+        else:
+            gran = GPU_GRANULARITY if granularity is None else int(granularity)
         if chunk_bytes is None:
             chunk_bytes = spec.chunk_bytes_for(gran)
         elif chunk_bytes <= 0 or chunk_bytes % gran or chunk_bytes % spec.block_bytes:
@@ -95,7 +99,7 @@ class PagedArena:
             from kernels import compact_blocks as compact_fn
         self._compact = compact_fn
         width = self.capacity_blocks if max_blocks_per_seq is None else int(max_blocks_per_seq)
-        self.tables = BlockTables(max_seqs, width, self.device)
+        self.tables = BlockTables(max_seqs, width, self.device, num_blocks=self.capacity_blocks)
 
         self._owner = np.full(self.capacity_blocks, FREE, dtype=np.int16)
         self._chunk_mapped = np.zeros(self.num_chunks, dtype=bool)
@@ -105,20 +109,6 @@ class PagedArena:
         self._used = 0
         self._counters = dict(map_calls=0, unmap_calls=0, shrinks=0, moves=0, bytes_moved=0,
                               time_map_s=0.0, time_unmap_s=0.0, time_compact_s=0.0)
-
-    @staticmethod
-    def _cuda_granularity(dev: torch.device) -> int:
-        # Known before the backend exists only by asking the driver; the backend re-reads it.
-        from .cuda_memory import _check, _driver
-        driver = _driver()
-        _check(driver.cuInit(0), "cuInit")
-        prop = driver.CUmemAllocationProp()
-        prop.type = driver.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
-        prop.location.type = driver.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
-        prop.location.id = dev.index if dev.index is not None else torch.cuda.current_device()
-        return int(_check(driver.cuMemGetAllocationGranularity(
-            prop, driver.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM),
-            "cuMemGetAllocationGranularity"))
 
     # ------------------------------------------------------------------ views and numbers
     def kv_cache(self, layer: int) -> torch.Tensor:
@@ -208,15 +198,14 @@ class PagedArena:
             for c in candidates.tolist():
                 self._mem.map(c * self.chunk_bytes, self.chunk_bytes)
                 done.append(c)
-        except ArenaOutOfMemory as exc:
-            for c in done:
-                self._mem.unmap(c * self.chunk_bytes, self.chunk_bytes)
-            raise ArenaOutOfMemory("the device cannot supply the chunks asked for",
-                                   requested_bytes=count * self.chunk_bytes,
-                                   free_bytes=len(done) * self.chunk_bytes + exc.free_bytes) from exc
-        except BaseException:
-            for c in done:
-                self._mem.unmap(c * self.chunk_bytes, self.chunk_bytes)
+        except BaseException as exc:
+            # All or nothing: give back what this call mapped before re-raising.
+            self._mem.unmap_many([(c * self.chunk_bytes, self.chunk_bytes) for c in done])
+            if isinstance(exc, ArenaOutOfMemory):
+                raise ArenaOutOfMemory("the device cannot supply the chunks asked for",
+                                       requested_bytes=count * self.chunk_bytes,
+                                       free_bytes=len(done) * self.chunk_bytes
+                                       + exc.free_bytes) from exc
             raise
         finally:
             self._counters["time_map_s"] += time.perf_counter() - t0
@@ -229,10 +218,9 @@ class PagedArena:
 
     def _unmap_chunks(self, chunks: np.ndarray) -> None:
         t0 = time.perf_counter()
-        for c in chunks.tolist():
-            self._mem.unmap(c * self.chunk_bytes, self.chunk_bytes)
-            self._chunk_mapped[c] = False
-            self._counters["unmap_calls"] += 1
+        self._mem.unmap_many([(c * self.chunk_bytes, self.chunk_bytes) for c in chunks.tolist()])
+        self._chunk_mapped[chunks] = False
+        self._counters["unmap_calls"] += int(chunks.size)
         self._counters["time_unmap_s"] += time.perf_counter() - t0
         if len(self._free_heap) > 4 * self.capacity_blocks:
             self._rebuild_heap()
@@ -325,12 +313,12 @@ class PagedArena:
     def _transfer(self, pool: Pool, block_ids, other: Pool) -> None:
         self._check_pool(other, "other")
         ids = self._ids(block_ids)
-        if other is pool or ids.size == 0:
-            return
         foreign = ids[self._owner[ids] != pool.index]
         if foreign.size:
             raise ArenaError(f"pool {pool.name!r} does not own block {int(foreign[0])}; "
                              "nothing was transferred")
+        if other is pool or ids.size == 0:
+            return
         self._owner[ids] = other.index
         n = ids.size
         pool.num_owned -= n
@@ -386,8 +374,7 @@ class PagedArena:
             self._counters["bytes_moved"] += int(src.size) * self.spec.block_bytes
         if drop.size:
             self._unmap_chunks(drop)
-            self._rebuild_heap()
-        elif src.size:
+        if drop.size or src.size:
             self._rebuild_heap()
         self._counters["shrinks"] += 1
         return src, dst

@@ -53,10 +53,12 @@ class Pool:
         return self._arena._allocate(self, n)
 
     def free(self, block_ids) -> None:
-        """Give blocks back. Raises :class:`ArenaError` (nothing changed) if any id is not
-        owned by this pool, is repeated, or is out of range."""
+        """Give blocks back. Nothing changes on an error: :class:`ArenaError` if any id is not
+        owned by this pool; ValueError/TypeError if an id is repeated, out of range or not an
+        integer."""
         self._arena._free(self, block_ids)
 
     def transfer(self, block_ids, other: "Pool") -> None:
-        """Hand blocks (and as many blocks of lease) to ``other``: no byte is copied."""
+        """Hand blocks (and as many blocks of lease) to ``other``: no byte is copied. Errors
+        as :meth:`free`; nothing changes on an error."""
         self._arena._transfer(self, block_ids, other)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from arena import ArenaError, ArenaOutOfMemory, HostMemory, KVSpec, LeaseExceeded, PagedArena
+from arena import ArenaError, ArenaOutOfMemory, HostMemory, LeaseExceeded, PagedArena
 from tests.arena_helpers import PAGE, assert_same, snapshot, tiny_arena, tiny_spec
 
 
@@ -80,6 +80,11 @@ def test_transfer_not_owned(arena):
     check_unchanged(arena, lambda: p.transfer([15], d), ArenaError, "does not own block 15")
 
 
+def test_transfer_to_itself_still_checks_ownership(arena):
+    p = arena.pool("prefill")
+    check_unchanged(arena, lambda: p.transfer([15], p), ArenaError, "does not own block 15")
+
+
 def test_transfer_to_foreign_pool(arena):
     other = tiny_arena(chunks=2)
     try:
@@ -97,9 +102,11 @@ def test_device_out_of_memory_leaves_no_partial_mapping(arena):
 
 
 def test_capacity_exceeded(arena):
+    before = snapshot(arena)
     with pytest.raises(ArenaOutOfMemory) as info:
         arena.pool("decode").resize(arena.capacity_blocks)
     assert info.value.requested_bytes > info.value.free_bytes
+    assert_same(before, snapshot(arena))
 
 
 class FailingMemory(HostMemory):
@@ -143,7 +150,10 @@ def test_block_table_misuse(arena):
     t = arena.tables
     check_unchanged(arena, lambda: t.add(1), ValueError, "seq_id 1 already")
     check_unchanged(arena, lambda: t.append(2, [0]), KeyError, "seq_id 2 has no block table")
-    check_unchanged(arena, lambda: t.append(1, [-3]), ValueError, "block_ids must be non-negative")
+    check_unchanged(arena, lambda: t.append(1, [-3]), ValueError, "block_ids must be block ids")
+    check_unchanged(arena, lambda: t.append(1, [arena.capacity_blocks]), ValueError,
+                    r"block_ids must be block ids in \[0, 128\)")
+    check_unchanged(arena, lambda: t.append(1, [1.9]), TypeError, "block_ids must hold integers")
     check_unchanged(arena, lambda: t.truncate(1, 4), ValueError, "num_blocks must be in")
     width = t.max_blocks_per_seq
     check_unchanged(arena, lambda: t.append(1, np.arange(width)), ValueError, "max_blocks_per_seq")

@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from arena import ArenaOutOfMemory
+from arena import ArenaOutOfMemory, BlockTables
 from tests.arena_helpers import PAGE, tiny_arena
 
 POOLS = ("prefill", "decode")
@@ -16,9 +16,16 @@ MOVES: list[int] = []  # blocks moved per example, to check the test exercises c
 
 class ArenaMachine(RuleBasedStateMachine):
     @initialize(limit=st.sampled_from([None, 5]), start=st.tuples(st.integers(0, 40),
-                                                                  st.integers(0, 30)))
-    def setup(self, limit, start):
+                                                                  st.integers(0, 30)),
+                mirror=st.booleans())
+    def setup(self, limit, start, mirror):
         self.arena = tiny_arena(chunks=8, limit_chunks=limit)  # 128 blocks, 16 per chunk
+        if mirror:
+            # A device table separate from the host one, as on a GPU: compaction must
+            # rewrite it in the kernel and the host mirror by the same remap.
+            a = self.arena
+            a.tables = BlockTables(16, a.capacity_blocks, a.device, num_blocks=a.capacity_blocks,
+                                   separate_mirror=True)
         self.bpc = self.arena.blocks_per_chunk
         self.model = {p: {} for p in POOLS}  # pool -> {block id: content tag}
         self.lease = {p: 0 for p in POOLS}
@@ -55,8 +62,12 @@ class ArenaMachine(RuleBasedStateMachine):
     @rule(pool=st.sampled_from(POOLS), n=st.integers(0, 20))
     def allocate(self, pool, n):
         n = min(n, self.lease[pool] - len(self.model[pool]))
-        ids = self.arena.pool(pool).allocate(n)
-        # lowest free mapped blocks: nothing free below any id handed out, among mapped chunks
+        a = self.arena
+        mapped = np.repeat(a._chunk_mapped, self.bpc)
+        taken = {b for m in self.model.values() for b in m}
+        lowest_free = [b for b in np.flatnonzero(mapped).tolist() if b not in taken][:n]
+        ids = a.pool(pool).allocate(n)
+        assert ids.tolist() == lowest_free  # the lowest free mapped blocks, in order
         for b in ids.tolist():
             assert all(b not in m for m in self.model.values())
             self.model[pool][b] = self.next_tag
