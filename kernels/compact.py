@@ -1,7 +1,7 @@
 """Block compaction: move whole blocks inside the arena and rewrite block tables, one launch.
 
 The arena's buffer is block-major, so a block is one contiguous run of bytes. The kernel
-views the buffer as 32-bit words (every supported dtype packs into them at these sizes) and
+views the buffer as 32-bit words (bytes when a block's size is not a multiple of 4) and
 gives each (move, tile) pair one program; the programs past the moves rewrite the block
 table through a remap vector (``remap[b]`` = new id of block b), so readers of the table
 see new ids exactly when the data has moved — both happen in the same kernel.
@@ -31,8 +31,11 @@ def _compact_kernel(words_ptr, src_ptr, dst_ptr, table_ptr, remap_ptr,
         tile = pid % tiles_per_block
         src = tl.load(src_ptr + move).to(tl.int64)
         dst = tl.load(dst_ptr + move).to(tl.int64)
+        # Ids are checked on the host for CPU tensors only; on CUDA a bad move copies nothing.
+        ok = (src >= 0) & (src < num_blocks) & (dst >= 0) & (dst < num_blocks)
+        limit = tl.where(ok, words_per_block, 0)
         offs = tile.to(tl.int64) * COPY_TILE + tl.arange(0, COPY_TILE)
-        mask = offs < words_per_block
+        mask = offs < limit
         vals = tl.load(words_ptr + src * words_per_block + offs, mask=mask)
         tl.store(words_ptr + dst * words_per_block + offs, vals, mask=mask)
     else:
@@ -103,9 +106,13 @@ def compact_blocks(blocks: torch.Tensor, src: torch.Tensor, dst: torch.Tensor,
     tiles_per_block = triton.cdiv(words_per_block, _COPY_TILE)
     if block_tables is not None and block_tables.numel():
         table = block_tables.view(-1)
-        # Built with two small async ops; the kernel then reads it while rewriting the table.
-        remap = torch.arange(num_blocks, dtype=torch.int32, device=blocks.device)
-        remap[src.long()] = dst.to(torch.int32)
+        # Built with small async ops; the kernel then reads it while rewriting the table.
+        # Slot num_blocks is a sink for moves with bad ids (possible only on CUDA, where
+        # values are not checked), so they can neither fault nor remap anything.
+        s, d = src.long(), dst.long()
+        ok = (s >= 0) & (s < num_blocks) & (d >= 0) & (d < num_blocks)
+        remap = torch.arange(num_blocks + 1, dtype=torch.int32, device=blocks.device)
+        remap[torch.where(ok, s, num_blocks)] = torch.where(ok, d, num_blocks).to(torch.int32)
         table_programs = triton.cdiv(table.numel(), _TABLE_TILE)
     else:
         table = remap = torch.empty(1, dtype=torch.int32, device=blocks.device)

@@ -16,9 +16,6 @@ Layout of the work (flash-decoding with GQA grouping):
 """
 from __future__ import annotations
 
-import math
-import numbers
-
 import torch
 import triton
 import triton.language as tl

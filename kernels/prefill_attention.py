@@ -65,7 +65,7 @@ def _find_sequence(qsl_ptr, pid, num_seqs, BLOCK_Q: tl.constexpr):
 
 @triton.jit
 def _attend_tiles(acc, m_i, l_i, q, kv_ptr, table_row_ptr, kv_head_off, stride_kb, stride_kt,
-                  stride_kv, qk_scale, row_pos, offs_d, d_mask, start, stop, kv_end,
+                  stride_kv, qk_scale, row_pos, offs_d, d_mask, start, stop, kv_end, num_blocks,
                   BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr,
                   UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Online softmax over the key tiles ``[start, stop)``; the causal mask only when MASKED."""
@@ -78,12 +78,15 @@ def _attend_tiles(acc, m_i, l_i, q, kv_ptr, table_row_ptr, kv_head_off, stride_k
             blk = tl.load(table_row_ptr + tile_start // BLOCK_SIZE).to(tl.int64)
             in_block = (tile_start % BLOCK_SIZE) + offs_n0
             tok_off = blk * stride_kb + in_block.to(tl.int64) * stride_kt
+            # A bad id can only come from an unchecked CUDA table: read nothing for it.
+            ld_mask = offs_n < tl.where((blk >= 0) & (blk < num_blocks), kv_end, 0)
         else:
             # The tile spans several blocks: one table entry per key.
             blk = tl.load(table_row_ptr + offs_n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
             tok_off = blk * stride_kb + (offs_n % BLOCK_SIZE).to(tl.int64) * stride_kt
+            ld_mask = n_mask & (blk >= 0) & (blk < num_blocks)
         k_ptrs = kv_ptr + kv_head_off + tok_off[None, :] + offs_d[:, None]
-        kv_mask = n_mask[None, :] & d_mask[:, None]
+        kv_mask = ld_mask[None, :] & d_mask[:, None]
         k_t = tl.load(k_ptrs, mask=kv_mask, other=0.0)  # [D_PAD, BLOCK_N]
         if UPCAST:
             qk = tl.dot(q.to(tl.float32), k_t.to(tl.float32), input_precision=DOT_PRECISION)
@@ -99,7 +102,7 @@ def _attend_tiles(acc, m_i, l_i, q, kv_ptr, table_row_ptr, kv_head_off, stride_k
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         v_ptrs = kv_ptr + stride_kv + kv_head_off + tok_off[:, None] + offs_d[None, :]
-        v = tl.load(v_ptrs, mask=n_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_N, D_PAD]
+        v = tl.load(v_ptrs, mask=ld_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_N, D_PAD]
         if UPCAST:
             acc = tl.dot(p, v.to(tl.float32), acc, input_precision=DOT_PRECISION)
         else:
@@ -110,7 +113,7 @@ def _attend_tiles(acc, m_i, l_i, q, kv_ptr, table_row_ptr, kv_head_off, stride_k
 
 @triton.jit
 def _prefill_kernel(q_ptr, kv_ptr, table_ptr, seq_lens_ptr, qsl_ptr, out_ptr,
-                    num_seqs, qk_scale,
+                    num_seqs, qk_scale, num_tokens, num_blocks, table_width,
                     stride_qt, stride_qh, stride_kb, stride_kv, stride_kt, stride_kh,
                     stride_bt, stride_ot, stride_oh,
                     GROUP: tl.constexpr, HEADS: tl.constexpr, SPLITS: tl.constexpr,
@@ -131,7 +134,9 @@ def _prefill_kernel(q_ptr, kv_ptr, table_ptr, seq_lens_ptr, qsl_ptr, out_ptr,
         return
     # Last tiles first: they see the most keys, so the longest programs start earliest.
     q_lo = (num_q_tiles - 1 - local_tile) * BLOCK_Q
-    seq_len = tl.load(seq_lens_ptr + seq)
+    # Clamped to the table's reach: a bad length on an unchecked CUDA tensor must not read
+    # past the block table (CPU inputs are validated before launch).
+    seq_len = tl.minimum(tl.load(seq_lens_ptr + seq), table_width * BLOCK_SIZE)
     ctx = seq_len - q_len  # tokens before this sequence's first query
 
     offs_m = tl.arange(0, BLOCK_M)
@@ -144,6 +149,7 @@ def _prefill_kernel(q_ptr, kv_ptr, table_ptr, seq_lens_ptr, qsl_ptr, out_ptr,
     d_mask = offs_d < HEAD_DIM
 
     tok = (q_start + q_local).to(tl.int64)
+    row_mask = row_mask & (tok >= 0) & (tok < num_tokens)  # a bad query_start_loc on CUDA
     q_ptrs = q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
 
@@ -159,11 +165,11 @@ def _prefill_kernel(q_ptr, kv_ptr, table_ptr, seq_lens_ptr, qsl_ptr, out_ptr,
     kv_head_off = kv_head.to(tl.int64) * stride_kh
     acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, kv_ptr, table_row_ptr, kv_head_off,
                                   stride_kb, stride_kt, stride_kv, qk_scale, row_pos,
-                                  offs_d, d_mask, 0, unmasked_end, kv_end,
+                                  offs_d, d_mask, 0, unmasked_end, kv_end, num_blocks,
                                   BLOCK_N, BLOCK_SIZE, False, UPCAST, DOT_PRECISION)
     acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, kv_ptr, table_row_ptr, kv_head_off,
                                   stride_kb, stride_kt, stride_kv, qk_scale, row_pos,
-                                  offs_d, d_mask, unmasked_end, kv_end, kv_end,
+                                  offs_d, d_mask, unmasked_end, kv_end, kv_end, num_blocks,
                                   BLOCK_N, BLOCK_SIZE, True, UPCAST, DOT_PRECISION)
     out = acc / l_i[:, None]
     o_ptrs = out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
@@ -302,7 +308,7 @@ def _launch(query, kv_cache, block_tables, seq_lens, query_start_loc, out, scale
     grid = (num_tokens // block_q + num_seqs, num_kv_heads * splits)
     _prefill_kernel[grid](
         query, kv_cache, block_tables, seq_lens, query_start_loc, out,
-        num_seqs, scale * _LOG2E,
+        num_seqs, scale * _LOG2E, num_tokens, kv_cache.shape[0], block_tables.shape[1],
         query.stride(0), query.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_tables.stride(0), out.stride(0), out.stride(1),

@@ -84,3 +84,21 @@ def test_bad_arguments():
         kernels.compact_blocks(blocks, *ok, torch.zeros(3, 2, dtype=torch.int32).t())
     with pytest.raises(TypeError, match="blocks must be a torch.Tensor"):
         kernels.compact_blocks(None, *ok)
+
+
+@pytest.mark.skipif(not _runtime.INTERPRET, reason="checks the kernel's own guards")
+def test_kernel_ignores_bad_ids_that_only_cuda_lets_through(monkeypatch):
+    """On CUDA id values are not checked on the host; a bad move must copy and remap
+    nothing (under the interpreter an unguarded access would kill the process)."""
+    from kernels import compact
+
+    monkeypatch.setattr(compact, "_validate", lambda *args: None)
+    blocks = torch.arange(8 * 16, dtype=torch.float32).view(8, 16)
+    before = blocks.clone()
+    table = torch.tensor([7, 6, 5, 1], dtype=torch.int32)
+    src = torch.tensor([7, 10 ** 6, 6], dtype=torch.int64)
+    dst = torch.tensor([0, 1, -3], dtype=torch.int64)
+    kernels.compact_blocks(blocks, src, dst, table)
+    assert torch.equal(blocks[0], before[7])          # the good move happened
+    assert torch.equal(blocks[1:], before[1:])        # the bad ones touched nothing
+    assert table.tolist() == [0, 6, 5, 1]

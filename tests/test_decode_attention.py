@@ -136,7 +136,9 @@ def test_choose_num_splits_from_shapes():
     cpu = torch.device("cpu")
     assert choose_num_splits(64, 8, 1 << 15, cpu) == 1            # the batch fills the device
     assert choose_num_splits(1, 1, 16, cpu) == 1                  # too short to split
-    assert choose_num_splits(1, 1, 1 << 20, cpu) <= decode_mod.MAX_SPLITS
+    # one program alone: split up to the nominal 4 CPU "SMs"; the cap binds beyond them
+    assert choose_num_splits(1, 1, 1 << 20, cpu) == decode_mod._CPU_NOMINAL_SMS
+    assert decode_mod.MAX_SPLITS < (1 << 20) // decode_mod._MIN_SPLIT_TOKENS_CPU
     assert choose_num_splits(1, 2, 1 << 20, cpu) >= 2
 
 

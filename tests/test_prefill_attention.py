@@ -491,3 +491,21 @@ def test_gpu_cuda_graph_capture_and_replay():
     graph.replay()
     torch.cuda.synchronize()
     assert_matches_reference(query, kv, table, seq_lens, qsl, out)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # garbage in, NaN arithmetic inside
+@pytest.mark.skipif(not pa.INTERPRET, reason="checks the kernel's own guards under the interpreter")
+def test_kernel_guards_bad_indices_that_only_cuda_lets_through():
+    """On CUDA index values are not checked (that needs a sync), so the kernel itself must
+    not read or write out of bounds for a bad block id, a too-long seq_len or a bad
+    query_start_loc. Under the interpreter an unguarded access kills the process."""
+    query, kv, table, seq_lens, qsl = make_case([(40, 40), (9, 3)], 4, 2, 32, 8, torch.float16)
+    table[0, 1] = 10 ** 6          # a block id far outside the cache
+    table[1, 0] = -5
+    seq_lens[1] = 10 ** 5           # longer than the table can reach
+    qsl_bad = qsl.clone()
+    qsl_bad[1] = -7                 # queries before the start of `query`
+    out = torch.full_like(query, float("nan"))
+    pa._launch(query, kv, table, seq_lens, qsl_bad, out, 32 ** -0.5)
+    # Sequence 0's rows at valid tokens were written from real (or zeroed) keys: finite.
+    assert torch.isfinite(out[:3]).all()
