@@ -533,6 +533,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (ValueError, TypeError) as exc:
             parser.error(str(exc))
         head.append("windowed planner: " + ", ".join(f"{k}={v}" for k, v in knobs.items()))
+    from scheduler.planner import PlannerConfig
+    effective = planner if planner is not None else PlannerConfig()
     if not args.quiet:
         print("\n".join(head), file=sys.stderr)
     wall0 = time.perf_counter()
@@ -548,8 +550,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "environment": environment(setup.arena_device),
         "command": "python -m bench.replay " + " ".join(sys.argv[1:] if argv is None else argv),
         "trace": trace.describe(),
-        "setup": {**setup.describe(), "shrink_min_blocks": args.shrink_min_blocks,
-                  "arrival_reserve_s": args.arrival_reserve_s},
+        # the windowed planner's effective knobs, defaults included, so a result never
+        # depends on what the defaults are when it is read
+        "setup": {**setup.describe(),
+                  "shrink_min_blocks": effective.shrink_min_blocks,
+                  "arrival_reserve_s": effective.arrival_reserve_s},
         "wall_s": wall,
         "definitions": report.__doc__,
         "policies": summaries,

@@ -28,7 +28,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -47,7 +47,8 @@ class RunRecord:
 
     Timeline (step function, simulated seconds): ``t_s`` float64 [k] non-decreasing,
     ``mapped_bytes`` and ``live_bytes`` int64/float64 [k] (bytes of device memory mapped for
-    KV, and bytes of blocks holding live KV). ``start_s``/``end_s``: the replayed interval.
+    KV, and bytes of the K/V tokens written so far: tokens x bytes per token, not whole
+    blocks). ``start_s``/``end_s``: the replayed interval.
     Requests (one row each, NaN where a request never got there): ``arrival_s``,
     ``first_token_s``, ``finish_s`` float64 [n], ``output_tokens`` int64 [n].
     ``counters``: see :data:`COUNTER_KEYS` (times are modeled device seconds).
@@ -416,10 +417,3 @@ def write_json(path: str | Path, doc: Mapping[str, Any]) -> Path:
     path.write_text(text + "\n")
     return path
 
-
-def iter_rows(summaries: Iterable[Mapping[str, Any]]) -> Iterable[tuple[str, list[str]]]:
-    """(label, formatted cells) per row of :data:`METRIC_ROWS`; for callers building other
-    tables from the same figures."""
-    summaries = list(summaries)
-    for label, key, kind in METRIC_ROWS:
-        yield label, [" / ".join(_fmt(s.get(k), kind) for k in key.split("|")) for s in summaries]

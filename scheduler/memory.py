@@ -221,10 +221,6 @@ class WindowedMemory(MemoryPolicy):
         t0, b0 = hist[0]
         return (blocks - b0) / (loop.now - t0) if loop.now > t0 else 0.0
 
-    def free_blocks(self) -> int:  # pragma: no cover - the planner admits instead
-        loop = self.loop
-        return loop.supply_blocks() - loop.arena.leased_blocks
-
     def before_step(self) -> None:
         loop = self.loop
         full = (self.plan is None or self.steps_in_window >= self.window_steps

@@ -537,8 +537,3 @@ def _mask(s: RequestSet, m: np.ndarray) -> RequestSet:
     return RequestSet(s.ids[m], s.kv_len[m], s.prefill_len[m], s.generated[m],
                       s.max_tokens[m], s.blocks[m], s.admit_seq[m], s.swapped[m])
 
-
-def _concat(a: RequestSet, b: RequestSet) -> RequestSet:
-    return RequestSet(*(np.concatenate((getattr(a, f), getattr(b, f))) for f in
-                        ("ids", "kv_len", "prefill_len", "generated", "max_tokens", "blocks",
-                         "admit_seq", "swapped")))

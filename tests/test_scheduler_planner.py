@@ -249,7 +249,6 @@ def test_plan_properties(data, nd, npre, nw, supply, margin, victim):
                                   admit_seq=np.where(wsw, 1000 + np.arange(nw), -1),
                                   swapped=wsw)
     pl = _planner(margin_fraction=margin, victim=victim, max_running=64)
-    held = int(dec.blocks.sum() + pre.blocks.sum())
     supply = max(supply, int(pre.blocks.sum()))  # the prefill set's blocks are leased
     p = pl.plan(pre, dec, wait, ArenaState(supply, 0, 16))
 
