@@ -181,8 +181,8 @@ class CudaMemory(DeviceMemory):
     def close(self) -> None:
         if self._base is None:
             return
-        for offset, (_, nbytes) in list(self._handles.items()):
-            self.unmap(offset, nbytes)
+        # One wait on the device for all of them, as a shrink does.
+        self.unmap_many([(offset, nbytes) for offset, (_, nbytes) in self._handles.items()])
         self._view = None
         _check(_driver().cuMemAddressFree(self._base, self.reserved_bytes), "cuMemAddressFree")
         self._base = None

@@ -139,8 +139,7 @@ class HostMemory(DeviceMemory):
     def close(self) -> None:
         if self._mmap is None:
             return
-        for offset, nbytes in list(self._chunks.items()):
-            self.unmap(offset, nbytes)
+        self.unmap_many(list(self._chunks.items()))
         self._view = None
         try:
             self._mmap.close()
