@@ -1,6 +1,10 @@
-"""Argument checks shared by the kernels: every failure names the argument it is about.
+"""Argument checks and constants shared by the kernels: every failure names the argument it
+is about.
 
-Checks here never synchronise with a device: values of CUDA tensors are not read.
+Checks here never synchronise with a device: values of CUDA tensors are not read. Index
+tensors (slot mappings, block ids, lengths, offsets) may have any strides, including 0
+(expanded) and column slices of a 2-D metadata tensor: the kernels read them through
+their strides, so nothing here asks for contiguity.
 """
 from __future__ import annotations
 
@@ -12,6 +16,10 @@ import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
+# Every kernel registers its torch custom op in this namespace (torch.ops.kvarena.*).
+OP_NAMESPACE = "kvarena"
+LOG2E = 1.4426950408889634  # softmax runs in the log2 domain: exp(x) == exp2(x * LOG2E)
+MAX_HEAD_DIM = 256  # the attention kernels' widest tile; beyond it they would spill
 
 
 def check_tensor(name: str, t: object, *, ndim: int | None = None,
@@ -95,3 +103,42 @@ def check_block_ids(table: torch.Tensor, lens: torch.Tensor, block_size: int, nu
         i, j = (int(x) for x in bad.nonzero()[0])
         raise ValueError(f"block_tables[{i}, {j}] = {int(table[i, j])} is outside the cache's "
                          f"{num_blocks} blocks")
+
+
+def check_gqa_heads(num_heads: int, num_kv_heads: int) -> None:
+    """Raise ValueError naming ``query`` unless its head count is a positive multiple of
+    kv_cache's KV head count (MHA, GQA and MQA all satisfy this)."""
+    if num_heads < 1 or num_heads % num_kv_heads:
+        raise ValueError(f"query has {num_heads} heads, which is not a positive multiple of "
+                         f"kv_cache's {num_kv_heads} KV heads")
+
+
+def check_head_dim(name: str, head_dim: int) -> None:
+    """Raise ValueError naming ``name`` unless its head_dim is in ``[1, MAX_HEAD_DIM]``."""
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"{name} head_dim must be in [1, {MAX_HEAD_DIM}], got {head_dim}")
+
+
+def check_no_overlap(name: str, t: torch.Tensor) -> None:
+    """Raise ValueError naming ``name`` when ``t`` has a stride-0 (expanded) dimension of
+    size > 1: several elements share one memory location, so it cannot be written in place."""
+    if any(st == 0 and sz > 1 for sz, st in zip(t.shape, t.stride())):
+        raise ValueError(f"{name} is rewritten in place, so it must not be an expanded view "
+                         f"(stride 0); got strides {t.stride()} for shape {tuple(t.shape)}")
+
+
+def prepare_out(out: torch.Tensor | None, like: torch.Tensor, name: str = "out") -> torch.Tensor:
+    """The output buffer for an op writing a result shaped and typed like ``like``.
+
+    Returns ``torch.empty_like(like)`` (contiguous) when ``out`` is None; otherwise checks
+    that ``out`` is a tensor with ``like``'s shape, dtype and device and a contiguous last
+    dimension, raising TypeError/ValueError naming ``name``, and returns it unchanged.
+    """
+    if out is None:
+        return torch.empty(like.shape, dtype=like.dtype, device=like.device)
+    check_tensor(name, out, ndim=like.dim(), dtypes=(like.dtype,), device=like.device)
+    check_shape(name, out, tuple(like.shape))
+    if out.numel() and out.stride(-1) != 1:
+        raise ValueError(f"{name} must have a contiguous last dimension, "
+                         f"got strides {out.stride()}")
+    return out

@@ -13,6 +13,10 @@ Layout of the work (flash-decoding with GQA grouping):
   normalised partial output and log-sum-exp, and a second kernel merges the splits. The
   split count comes from shapes only (never from ``seq_lens`` values), so a call is
   host-sync free and can be captured in a CUDA graph.
+* ``seq_lens`` and ``block_tables`` are read through their strides (any view, no copy).
+
+The public :func:`paged_decode_attention` validates, then calls the custom op
+``kvarena::paged_decode_attention`` registered here (mutates ``out``; the fake does nothing).
 """
 from __future__ import annotations
 
@@ -20,13 +24,11 @@ import torch
 import triton
 import triton.language as tl
 
-from . import ops, reference
-from ._checks import (FLOAT_DTYPES, check_block_ids, check_kv_cache, check_scale, check_shape,
-                      check_tensor, host_values)
-from ._runtime import INTERPRET, use_triton
+from . import _runtime, reference
+from ._checks import (FLOAT_DTYPES, LOG2E, MAX_HEAD_DIM, OP_NAMESPACE, check_block_ids,
+                      check_gqa_heads, check_head_dim, check_kv_cache, check_scale, check_shape,
+                      check_tensor, host_values, prepare_out)
 
-_LOG2E = 1.4426950408889634
-MAX_HEAD_DIM = 256
 MAX_SPLITS = 64
 # A split shorter than this costs more in its partial write and merge than it saves.
 _MIN_SPLIT_TOKENS_GPU = 256
@@ -36,12 +38,16 @@ _CPU_NOMINAL_SMS = 4
 _MIN_SPLIT_TOKENS_CPU = 64
 
 
-@triton.jit
+# Sizes that only bound a range or an index are not specialised, so the cache's size, the
+# table's width and the batch do not each make a new binary; strides, head_dim and
+# block_size are (their divisibility lets loads vectorise).
+@triton.jit(do_not_specialize=["num_cache_blocks", "table_width", "num_splits", "head_chunks",
+                               "num_heads"])
 def _decode_split_kernel(
         q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, out_ptr, mid_o_ptr, mid_lse_ptr,
         qk_scale, num_cache_blocks, table_width, group, head_dim, block_size,
         num_splits, head_chunks, num_heads,
-        s_qs, s_qh, s_qd, s_cb, s_ckv, s_cs, s_ch, s_bts, s_btc, s_os, s_oh,
+        s_qs, s_qh, s_qd, s_cb, s_ckv, s_cs, s_ch, s_bts, s_btc, s_sl, s_os, s_oh,
         BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, TILE_N: tl.constexpr,
         USE_DOT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
         SINGLE_SPLIT: tl.constexpr):
@@ -58,7 +64,8 @@ def _decode_split_kernel(
 
     # Clamping to the table's reach keeps a bad length on an unchecked CUDA tensor from
     # reading past the block table (CPU inputs are validated before launch).
-    seq_len = tl.minimum(tl.load(seq_lens_ptr + seq), table_width * block_size)
+    seq_len = tl.minimum(tl.load(seq_lens_ptr + seq.to(tl.int64) * s_sl),
+                         table_width * block_size)
     # Splits are sized per sequence (equal shares of its own length, whole tiles each), so
     # short sequences in a batch of long ones leave their trailing splits empty.
     per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), TILE_N) * TILE_N
@@ -122,7 +129,7 @@ def _decode_split_kernel(
         tl.store(mid_lse_ptr + row_id, lse, mask=g_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_heads", "num_splits"])
 def _merge_splits_kernel(mid_o_ptr, mid_lse_ptr, out_ptr, num_heads, num_splits, head_dim,
                          s_os, s_oh, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     seq = tl.program_id(0)
@@ -185,23 +192,29 @@ def choose_num_splits(num_seqs: int, programs_per_seq: int, max_context: int,
     return max(1, min(triton.cdiv(target, base), max_context // min_tokens, MAX_SPLITS))
 
 
-def _tile_n(block_d: int, fp32_operands: bool) -> int:
+def _tile_n(block_d: int, fp32_operands: bool, use_dot: bool) -> int:
     # K and V tiles of TILE_N x BLOCK_D elements: 64 x 128 halves is 16 KiB each, which keeps
     # enough loads in flight per SM; wider rows or float32 operands (twice the registers)
-    # take half as many tokens so that sm_90 builds do not spill.
+    # take half as many tokens so that sm_90 builds do not spill. The broadcast path (one
+    # query head per KV head) holds its float32 products in registers too: with float32
+    # operands it takes 16 tokens (32 x 128 spilled 8 bytes on sm_90).
+    if not use_dot and fp32_operands:
+        return 16
     return 64 if block_d <= 128 and not fp32_operands else 32
 
 
-def launch_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
-                            block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                            out: torch.Tensor, scale: float, num_splits: int) -> None:
-    """Run decode attention on validated arguments, writing ``out``: Triton where
-    :func:`use_triton` says so, else the torch reference. Called by the
-    ``kvarena::paged_decode_attention`` custom op."""
+@torch.library.custom_op(f"{OP_NAMESPACE}::paged_decode_attention", mutates_args=("out",))
+def paged_decode_attention_op(query: torch.Tensor, kv_cache: torch.Tensor,
+                              block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                              out: torch.Tensor, scale: float, num_splits: int) -> None:
+    """``kvarena::paged_decode_attention``: decode attention into ``out`` on arguments
+    :func:`paged_decode_attention` has validated (not checked again here); ``num_splits``
+    is the context split count already chosen. Triton where :func:`_runtime.use_triton`
+    says so, else the torch reference."""
     num_seqs, num_heads, head_dim = query.shape
     if num_seqs == 0:
         return
-    if not use_triton(query, kv_cache, block_tables, seq_lens, out):
+    if not _runtime.use_triton(query, kv_cache, block_tables, seq_lens, out):
         out.copy_(reference.paged_decode_attention_ref(query, kv_cache, block_tables, seq_lens,
                                                        scale=scale))
         return
@@ -212,7 +225,7 @@ def launch_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
     head_chunks = triton.cdiv(group, block_g)
     # bf16 tl.dot is wrong in the interpreter, and tl.dot needs equal operand dtypes: both
     # cases compute on float32 operands (more registers, so only where needed).
-    upcast = query.dtype != kv_cache.dtype or (INTERPRET and torch.bfloat16 in
+    upcast = query.dtype != kv_cache.dtype or (_runtime.INTERPRET and torch.bfloat16 in
                                                (query.dtype, kv_cache.dtype))
     fp32_dot = upcast or kv_cache.dtype == torch.float32
     # Exact float32 products only where both inputs are float32: with a 16-bit operand
@@ -230,11 +243,12 @@ def launch_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
     grid = (num_seqs, num_kv_heads * head_chunks, num_splits)
     _decode_split_kernel[grid](
         query, kv_cache, block_tables, seq_lens, out, mid_o, mid_lse,
-        scale * _LOG2E, num_cache_blocks, block_tables.shape[1], group, head_dim, block_size,
+        scale * LOG2E, num_cache_blocks, block_tables.shape[1], group, head_dim, block_size,
         num_splits, head_chunks, num_heads,
         *query.stride(), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
-        kv_cache.stride(3), *block_tables.stride(), out.stride(0), out.stride(1),
-        BLOCK_G=block_g, BLOCK_D=block_d, TILE_N=_tile_n(block_d, fp32_dot), USE_DOT=use_dot,
+        kv_cache.stride(3), *block_tables.stride(), seq_lens.stride(0), out.stride(0),
+        out.stride(1),
+        BLOCK_G=block_g, BLOCK_D=block_d, TILE_N=_tile_n(block_d, fp32_dot, use_dot), USE_DOT=use_dot,
         UPCAST=upcast, DOT_PRECISION="ieee" if ieee else "tf32",
         SINGLE_SPLIT=single, num_warps=8 if block_g * block_d >= 8192 else 4)
     if not single:
@@ -243,18 +257,21 @@ def launch_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
             BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d, num_warps=4)
 
 
+@paged_decode_attention_op.register_fake
+def _paged_decode_attention_fake(query, kv_cache, block_tables, seq_lens, out, scale,
+                                 num_splits) -> None:
+    return None
+
+
 def validate_decode(query, kv_cache, block_tables, seq_lens, num_splits) -> None:
     """Raise TypeError/ValueError naming the bad argument; reads values of CPU tensors only."""
     num_cache_blocks, block_size, num_kv_heads, head_dim = check_kv_cache(kv_cache)
     dev = kv_cache.device
-    if head_dim > MAX_HEAD_DIM:
-        raise ValueError(f"kv_cache head_dim {head_dim} is above the supported {MAX_HEAD_DIM}")
+    check_head_dim("kv_cache", head_dim)
     check_tensor("query", query, ndim=3, dtypes=FLOAT_DTYPES, device=dev)
     num_seqs, num_heads = query.shape[0], query.shape[1]
     check_shape("query", query, (None, None, head_dim))
-    if num_heads < 1 or num_heads % num_kv_heads:
-        raise ValueError(f"query has {num_heads} heads, which is not a positive multiple of "
-                         f"kv_cache's {num_kv_heads} KV heads")
+    check_gqa_heads(num_heads, num_kv_heads)
     check_tensor("block_tables", block_tables, ndim=2, dtypes=(torch.int32,), device=dev)
     check_shape("block_tables", block_tables, (num_seqs, None))
     if block_tables.shape[1] < 1:
@@ -290,6 +307,7 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
     strides with head_dim contiguous; ``num_heads % num_kv_heads == 0`` (MHA, GQA, MQA);
     head_dim up to 256 (any value, powers of two or not). block_tables: int32
     ``[num_seqs, max_blocks_per_seq]``, row i lists sequence i's cache blocks in order.
+    Both index tensors may have any strides (read in place, never copied).
     seq_lens: int32 ``[num_seqs]``, context length in tokens (>= 1, counting the current
     token, whose K/V are already written). scale: softmax scale, default ``head_dim ** -0.5``.
     out: optional ``[num_seqs, num_heads, head_dim]`` tensor of query's dtype and device,
@@ -302,7 +320,7 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
     """
     validate_decode(query, kv_cache, block_tables, seq_lens, num_splits)
     scale = check_scale(scale, kv_cache.shape[-1])
-    out = ops.prepare_out(out, query)
+    out = prepare_out(out, query)
     if query.shape[0] == 0:
         return out
     if num_splits is None:
@@ -311,5 +329,5 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
             kv_cache.shape[4])))[0])
         num_splits = choose_num_splits(query.shape[0], kv_cache.shape[3] * chunks,
                                        block_tables.shape[1] * kv_cache.shape[2], query.device)
-    ops.paged_decode_attention_op(query, kv_cache, block_tables, seq_lens, out, scale, num_splits)
+    paged_decode_attention_op(query, kv_cache, block_tables, seq_lens, out, scale, num_splits)
     return out

@@ -28,8 +28,12 @@ weights rounded to the input dtype before the PV product, as flash attention doe
 float32 inputs use IEEE float32 dots (no TF32). Under the interpreter bf16 dots are
 upcast to float32, because the interpreter's bf16 ``tl.dot`` is wrong.
 
-The public function is a thin wrapper over the custom op ``kvarena::paged_prefill_attention``
-(registered here, with a fake implementation for torch.compile), which writes ``out``.
+Index tensors (``query_start_loc``, ``seq_lens``, both axes of ``block_tables``) are read
+through their strides: strided, expanded and column-sliced views work without a copy.
+
+The public function validates, then calls the custom op ``kvarena::paged_prefill_attention``
+(registered here, with a fake implementation for torch.compile), which writes ``out`` and
+does not validate again.
 """
 from __future__ import annotations
 
@@ -39,23 +43,20 @@ import torch
 import triton
 import triton.language as tl
 
-from . import reference
-from ._checks import (FLOAT_DTYPES, check_block_ids, check_kv_cache, check_scale, check_shape,
-                      check_tensor, host_values)
-from ._runtime import INTERPRET, use_triton
-
-_LOG2E = 1.4426950408889634
-MAX_HEAD_DIM = 256
+from . import _runtime, reference
+from ._checks import (FLOAT_DTYPES, LOG2E, OP_NAMESPACE, check_block_ids, check_gqa_heads,
+                      check_head_dim, check_kv_cache, check_scale, check_shape, check_tensor,
+                      host_values)
 
 
 @triton.jit
-def _find_sequence(qsl_ptr, pid, num_seqs, BLOCK_Q: tl.constexpr):
+def _find_sequence(qsl_ptr, s_qsl, pid, num_seqs, BLOCK_Q: tl.constexpr):
     """Largest i in [0, num_seqs) with ``qsl[i] // BLOCK_Q + i <= pid`` (binary search)."""
     lo = pid * 0  # a tensor from the start: the loop may not run (one sequence)
     hi = lo + num_seqs - 1
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        first_tile = tl.load(qsl_ptr + mid) // BLOCK_Q + mid
+        first_tile = tl.load(qsl_ptr + mid.to(tl.int64) * s_qsl) // BLOCK_Q + mid
         if first_tile <= pid:
             lo = mid
         else:
@@ -64,8 +65,8 @@ def _find_sequence(qsl_ptr, pid, num_seqs, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
-def _attend_tiles(acc, m_i, l_i, q, kv_ptr, table_row_ptr, kv_head_off, stride_kb, stride_kt,
-                  stride_kv, qk_scale, row_pos, offs_d, d_mask, start, stop, kv_end, num_blocks,
+def _attend_tiles(acc, m_i, l_i, q, kv_ptr, table_row_ptr, stride_btc, kv_head_off, stride_kb,
+                  stride_kt, stride_kv, qk_scale, row_pos, offs_d, d_mask, start, stop, kv_end, num_blocks,
                   BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr,
                   UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Online softmax over the key tiles ``[start, stop)``; the causal mask only when MASKED."""
@@ -75,14 +76,15 @@ def _attend_tiles(acc, m_i, l_i, q, kv_ptr, table_row_ptr, kv_head_off, stride_k
         n_mask = offs_n < kv_end
         if BLOCK_SIZE % BLOCK_N == 0:
             # The tile lies inside one block: one table entry, rows at a fixed stride.
-            blk = tl.load(table_row_ptr + tile_start // BLOCK_SIZE).to(tl.int64)
+            blk = tl.load(table_row_ptr + (tile_start // BLOCK_SIZE) * stride_btc).to(tl.int64)
             in_block = (tile_start % BLOCK_SIZE) + offs_n0
             tok_off = blk * stride_kb + in_block.to(tl.int64) * stride_kt
             # A bad id can only come from an unchecked CUDA table: read nothing for it.
             ld_mask = offs_n < tl.where((blk >= 0) & (blk < num_blocks), kv_end, 0)
         else:
             # The tile spans several blocks: one table entry per key.
-            blk = tl.load(table_row_ptr + offs_n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
+            blk = tl.load(table_row_ptr + (offs_n // BLOCK_SIZE) * stride_btc, mask=n_mask,
+                          other=0).to(tl.int64)
             tok_off = blk * stride_kb + (offs_n % BLOCK_SIZE).to(tl.int64) * stride_kt
             ld_mask = n_mask & (blk >= 0) & (blk < num_blocks)
         k_ptrs = kv_ptr + kv_head_off + tok_off[None, :] + offs_d[:, None]
@@ -111,11 +113,13 @@ def _attend_tiles(acc, m_i, l_i, q, kv_ptr, table_row_ptr, kv_head_off, stride_k
     return acc, m_i, l_i
 
 
-@triton.jit
+# Sizes that only bound a range are not specialised (one binary whatever the batch, the
+# cache or the table width); strides are (their divisibility lets loads vectorise).
+@triton.jit(do_not_specialize=["num_seqs", "num_tokens", "num_blocks", "table_width"])
 def _prefill_kernel(q_ptr, kv_ptr, table_ptr, seq_lens_ptr, qsl_ptr, out_ptr,
                     num_seqs, qk_scale, num_tokens, num_blocks, table_width,
                     stride_qt, stride_qh, stride_kb, stride_kv, stride_kt, stride_kh,
-                    stride_bt, stride_ot, stride_oh,
+                    stride_bt, stride_btc, stride_sl, stride_qsl, stride_ot, stride_oh,
                     GROUP: tl.constexpr, HEADS: tl.constexpr, SPLITS: tl.constexpr,
                     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -125,9 +129,10 @@ def _prefill_kernel(q_ptr, kv_ptr, table_ptr, seq_lens_ptr, qsl_ptr, out_ptr,
     kv_head = tl.program_id(1) // SPLITS
     first_head_in_group = (tl.program_id(1) % SPLITS) * HEADS
 
-    seq = _find_sequence(qsl_ptr, pid, num_seqs, BLOCK_Q)
-    q_start = tl.load(qsl_ptr + seq)
-    q_len = tl.load(qsl_ptr + seq + 1) - q_start
+    seq = _find_sequence(qsl_ptr, stride_qsl, pid, num_seqs, BLOCK_Q)
+    seq64 = seq.to(tl.int64)
+    q_start = tl.load(qsl_ptr + seq64 * stride_qsl)
+    q_len = tl.load(qsl_ptr + (seq64 + 1) * stride_qsl) - q_start
     local_tile = pid - (q_start // BLOCK_Q + seq)
     num_q_tiles = tl.cdiv(q_len, BLOCK_Q)
     if local_tile >= num_q_tiles:
@@ -136,7 +141,7 @@ def _prefill_kernel(q_ptr, kv_ptr, table_ptr, seq_lens_ptr, qsl_ptr, out_ptr,
     q_lo = (num_q_tiles - 1 - local_tile) * BLOCK_Q
     # Clamped to the table's reach: a bad length on an unchecked CUDA tensor must not read
     # past the block table (CPU inputs are validated before launch).
-    seq_len = tl.minimum(tl.load(seq_lens_ptr + seq), table_width * BLOCK_SIZE)
+    seq_len = tl.minimum(tl.load(seq_lens_ptr + seq64 * stride_sl), table_width * BLOCK_SIZE)
     ctx = seq_len - q_len  # tokens before this sequence's first query
 
     offs_m = tl.arange(0, BLOCK_M)
@@ -161,13 +166,15 @@ def _prefill_kernel(q_ptr, kv_ptr, table_ptr, seq_lens_ptr, qsl_ptr, out_ptr,
     kv_end = ctx + q_hi  # keys past this are above the diagonal for every row
     # Keys below ctx + q_lo + 1 are visible to every row of the tile: no mask needed.
     unmasked_end = ((ctx + q_lo + 1) // BLOCK_N) * BLOCK_N
-    table_row_ptr = table_ptr + seq.to(tl.int64) * stride_bt
+    table_row_ptr = table_ptr + seq64 * stride_bt
     kv_head_off = kv_head.to(tl.int64) * stride_kh
-    acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, kv_ptr, table_row_ptr, kv_head_off,
+    acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, kv_ptr, table_row_ptr, stride_btc,
+                                  kv_head_off,
                                   stride_kb, stride_kt, stride_kv, qk_scale, row_pos,
                                   offs_d, d_mask, 0, unmasked_end, kv_end, num_blocks,
                                   BLOCK_N, BLOCK_SIZE, False, UPCAST, DOT_PRECISION)
-    acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, kv_ptr, table_row_ptr, kv_head_off,
+    acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, kv_ptr, table_row_ptr, stride_btc,
+                                  kv_head_off,
                                   stride_kb, stride_kt, stride_kv, qk_scale, row_pos,
                                   offs_d, d_mask, unmasked_end, kv_end, kv_end, num_blocks,
                                   BLOCK_N, BLOCK_SIZE, True, UPCAST, DOT_PRECISION)
@@ -192,7 +199,7 @@ def _next_pow2(n: int) -> int:
 
 
 def default_config(head_dim: int, group: int, dtype: torch.dtype, *,
-                   interpret: bool = INTERPRET) -> TileConfig:
+                   interpret: bool | None = None) -> TileConfig:
     """The tile shape used for a launch (chosen by reasoning, not yet tuned on hardware).
 
     On a GPU the rows are 128 for 2-byte dtypes up to head_dim 128, fewer for head_dim >
@@ -202,6 +209,8 @@ def default_config(head_dim: int, group: int, dtype: torch.dtype, *,
     Under the interpreter the cost is per program and per tile, not per element, so tiles
     are kept large.
     """
+    if interpret is None:
+        interpret = _runtime.INTERPRET
     d_pad = max(16, _next_pow2(head_dim))
     # GPU choices were checked by compiling for sm_90 without a device (registers, spills,
     # shared memory; see the report in the README): none spills, all use wgmma/cp.async
@@ -234,18 +243,14 @@ def _validate(query, kv_cache, block_tables, seq_lens, query_start_loc, scale, o
     num_tokens, num_heads, head_dim = query.shape
     if kv_head_dim != head_dim:
         raise ValueError(f"kv_cache head_dim {kv_head_dim} must equal query head_dim {head_dim}")
-    if not 1 <= head_dim <= MAX_HEAD_DIM:
-        raise ValueError(f"query head_dim must be in [1, {MAX_HEAD_DIM}], got {head_dim}")
-    if num_heads < 1 or num_heads % num_kv_heads:
-        raise ValueError(f"query num_heads {num_heads} must be a positive multiple of "
-                         f"kv_cache num_kv_heads {num_kv_heads}")
+    check_head_dim("query", head_dim)
+    check_gqa_heads(num_heads, num_kv_heads)
     check_tensor("block_tables", block_tables, ndim=2, dtypes=(torch.int32,), device=device)
     num_seqs = block_tables.shape[0]
     check_tensor("seq_lens", seq_lens, ndim=1, dtypes=(torch.int32,), device=device)
     check_shape("seq_lens", seq_lens, (num_seqs,))
     check_tensor("query_start_loc", query_start_loc, ndim=1, dtypes=(torch.int32,), device=device)
     check_shape("query_start_loc", query_start_loc, (num_seqs + 1,))
-    check_scale(scale, head_dim)
     if out is not None:
         check_tensor("out", out, dtypes=(query.dtype,), device=device)
         check_shape("out", out, tuple(query.shape))
@@ -303,15 +308,16 @@ def _launch(query, kv_cache, block_tables, seq_lens, query_start_loc, out, scale
                          f"block_m={cfg.block_m}")
     splits = triton.cdiv(group, heads)
     block_q = cfg.block_m // heads
-    upcast = INTERPRET and query.dtype == torch.bfloat16
+    upcast = _runtime.INTERPRET and query.dtype == torch.bfloat16
     precise = query.dtype == torch.float32 or upcast
     grid = (num_tokens // block_q + num_seqs, num_kv_heads * splits)
     _prefill_kernel[grid](
         query, kv_cache, block_tables, seq_lens, query_start_loc, out,
-        num_seqs, scale * _LOG2E, num_tokens, kv_cache.shape[0], block_tables.shape[1],
+        num_seqs, scale * LOG2E, num_tokens, kv_cache.shape[0], block_tables.shape[1],
         query.stride(0), query.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
-        block_tables.stride(0), out.stride(0), out.stride(1),
+        block_tables.stride(0), block_tables.stride(1), seq_lens.stride(0),
+        query_start_loc.stride(0), out.stride(0), out.stride(1),
         GROUP=group, HEADS=heads, SPLITS=splits,
         HEAD_DIM=head_dim, D_PAD=max(16, _next_pow2(head_dim)),
         BLOCK_M=cfg.block_m, BLOCK_Q=block_q, BLOCK_N=cfg.block_n, BLOCK_SIZE=block_size,
@@ -319,26 +325,27 @@ def _launch(query, kv_cache, block_tables, seq_lens, query_start_loc, out, scale
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-@torch.library.custom_op("kvarena::paged_prefill_attention", mutates_args=("out",))
-def _prefill_op(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
-                seq_lens: torch.Tensor, query_start_loc: torch.Tensor, out: torch.Tensor,
-                scale: float) -> None:
-    """The custom op behind :func:`paged_prefill_attention`: writes ``out`` in place.
+@torch.library.custom_op(f"{OP_NAMESPACE}::paged_prefill_attention", mutates_args=("out",))
+def paged_prefill_attention_op(query: torch.Tensor, kv_cache: torch.Tensor,
+                               block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                               query_start_loc: torch.Tensor, out: torch.Tensor,
+                               scale: float) -> None:
+    """``kvarena::paged_prefill_attention``: writes ``out`` in place.
 
-    Arguments as in the public function; ``out`` and ``scale`` must be given. Validated
-    again here (cheap: no device sync) because compiled graphs call the op directly.
+    Arguments as in :func:`paged_prefill_attention`, which validates them (the op does not
+    check them again); ``out`` and ``scale`` must be given. Triton where
+    :func:`_runtime.use_triton` says so, else the torch reference.
     """
-    _validate(query, kv_cache, block_tables, seq_lens, query_start_loc, scale, out)
     if query.stride(-1) != 1:
         query = query.contiguous()
-    if use_triton(query, kv_cache, block_tables, seq_lens, query_start_loc, out):
+    if _runtime.use_triton(query, kv_cache, block_tables, seq_lens, query_start_loc, out):
         _launch(query, kv_cache, block_tables, seq_lens, query_start_loc, out, scale)
     else:
         out.copy_(reference.paged_prefill_attention_ref(
             query, kv_cache, block_tables, seq_lens, query_start_loc, scale=scale))
 
 
-@_prefill_op.register_fake
+@paged_prefill_attention_op.register_fake
 def _prefill_op_fake(query, kv_cache, block_tables, seq_lens, query_start_loc, out, scale) -> None:
     return None
 
@@ -354,6 +361,7 @@ def paged_prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor,
     kv_cache: one layer's view ``[num_blocks, 2, block_size, num_kv_heads, head_dim]`` of
     query's dtype (0 = key, 1 = value), any strides with head_dim contiguous;
     ``num_heads % num_kv_heads == 0``; head_dim 1..256 (non powers of two are padded).
+    Index tensors may have any strides (read in place, never copied).
     block_tables: int32 ``[num_seqs, W]``, block ids; entries past a sequence's last block
     are never read. seq_lens: int32 ``[num_seqs]``, context tokens including the queries.
     query_start_loc: int32 ``[num_seqs + 1]``, cumulative query counts from 0 to num_tokens;
@@ -370,6 +378,6 @@ def paged_prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor,
     scale = check_scale(scale, query.shape[-1])
     if out is None:
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
-    torch.ops.kvarena.paged_prefill_attention(query, kv_cache, block_tables, seq_lens,
-                                              query_start_loc, out, scale)
+    paged_prefill_attention_op(query, kv_cache, block_tables, seq_lens, query_start_loc, out,
+                               scale)
     return out

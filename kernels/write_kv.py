@@ -3,7 +3,12 @@
 One program writes one token's heads (or a chunk of them, when heads x head_dim is large):
 the token's slot is read once, and a whole ``[heads, head_dim]`` tile of K and of V moves as
 two vectorised loads and stores. Dtype conversion to the cache's dtype happens in the store,
-so callers never materialise a converted copy.
+so callers never materialise a converted copy. ``slot_mapping`` is read through its stride,
+so a strided, expanded or column-sliced view (``meta[:, 0]``) needs no copy.
+
+The public :func:`write_kv` validates, then calls the custom op ``kvarena::write_kv``
+registered here (mutates ``kv_cache``; its fake implementation does nothing), which
+launches the kernel without validating again.
 """
 from __future__ import annotations
 
@@ -11,24 +16,26 @@ import torch
 import triton
 import triton.language as tl
 
-from . import ops, reference
-from ._checks import FLOAT_DTYPES, check_kv_cache, check_shape, check_tensor, host_values
-from ._runtime import use_triton
+from . import _runtime, reference
+from ._checks import (FLOAT_DTYPES, OP_NAMESPACE, check_kv_cache, check_shape, check_tensor,
+                      host_values)
 
 # Elements of K (and as many of V) one program moves: big enough for full 16-byte vectors
 # on every thread, small enough to keep register use low at head_dim 256 x many heads.
 _TILE_ELEMS = 4096
 
 
-@triton.jit
+# Sizes that only bound a range are not specialised (one binary for every cache size);
+# strides, head counts and head_dim are, since their divisibility lets loads vectorise.
+@triton.jit(do_not_specialize=["num_slots"])
 def _write_kv_kernel(cache_ptr, key_ptr, value_ptr, slot_ptr,
-                     num_heads, head_dim, num_slots, block_size,
+                     num_heads, head_dim, num_slots, block_size, s_slot,
                      s_cb, s_ckv, s_cs, s_ch,
                      s_kt, s_kh, s_kd, s_vt, s_vh, s_vd,
                      BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
     tok = tl.program_id(0)
     hchunk = tl.program_id(1)
-    slot = tl.load(slot_ptr + tok)
+    slot = tl.load(slot_ptr + tok.to(tl.int64) * s_slot)
     # slot < 0 marks padding; slot >= num_slots can only come from an unchecked CUDA
     # tensor, and dropping it is safer than writing outside the cache.
     if (slot >= 0) & (slot < num_slots):
@@ -66,14 +73,16 @@ def validate_write_kv(kv_cache, key, value, slot_mapping) -> None:
                              f"{num_blocks} blocks x {block_size} slots")
 
 
-def launch_write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                    slot_mapping: torch.Tensor) -> None:
-    """Run the scatter on validated arguments: Triton where :func:`use_triton` says so, else
-    the torch reference. Called by the ``kvarena::write_kv`` custom op."""
+@torch.library.custom_op(f"{OP_NAMESPACE}::write_kv", mutates_args=("kv_cache",))
+def write_kv_op(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                slot_mapping: torch.Tensor) -> None:
+    """``kvarena::write_kv``: the scatter on arguments :func:`write_kv` has validated
+    (the op does not check them again): Triton where :func:`_runtime.use_triton` says so,
+    else the torch reference. Writes ``kv_cache`` in place."""
     num_tokens = key.shape[0]
     if num_tokens == 0:
         return
-    if not use_triton(kv_cache, key, value, slot_mapping):
+    if not _runtime.use_triton(kv_cache, key, value, slot_mapping):
         reference.write_kv_ref(kv_cache, key, value, slot_mapping)
         return
     _, _, block_size, num_heads, head_dim = kv_cache.shape
@@ -82,12 +91,17 @@ def launch_write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tens
     grid = (num_tokens, triton.cdiv(num_heads, block_h))
     _write_kv_kernel[grid](
         kv_cache, key, value, slot_mapping,
-        num_heads, head_dim, kv_cache.shape[0] * block_size, block_size,
+        num_heads, head_dim, kv_cache.shape[0] * block_size, block_size, slot_mapping.stride(0),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         *key.stride(), *value.stride(),
         BLOCK_H=block_h, BLOCK_D=block_d,
         num_warps=4 if block_h * block_d >= 1024 else 1,
     )
+
+
+@write_kv_op.register_fake
+def _write_kv_fake(kv_cache, key, value, slot_mapping) -> None:
+    return None
 
 
 def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -97,7 +111,8 @@ def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     kv_cache: one layer's view ``[num_blocks, 2, block_size, num_kv_heads, head_dim]``
     (float16/bfloat16/float32, any strides with head_dim contiguous; index 0 = key, 1 = value).
     key, value: ``[num_tokens, num_kv_heads, head_dim]``, any float dtype and strides; cast to
-    kv_cache's dtype on the way in. slot_mapping: int64 ``[num_tokens]``, slot = block_id *
+    kv_cache's dtype on the way in. slot_mapping: int64 ``[num_tokens]``, any stride (read
+    in place, never copied), slot = block_id *
     block_size + offset; a negative slot skips its token. Slots must be distinct (two tokens
     in one slot leave either one). On CPU the slot range is checked; on CUDA nothing is read
     back (no host sync) and out-of-range slots are dropped by the kernel. Goes through the
@@ -106,4 +121,4 @@ def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     validate_write_kv(kv_cache, key, value, slot_mapping)
     if key.shape[0] == 0:
         return
-    ops.write_kv_op(kv_cache, key, value, slot_mapping)
+    write_kv_op(kv_cache, key, value, slot_mapping)

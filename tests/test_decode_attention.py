@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import kernels
+from kernels import _runtime
 import kernels.decode_attention as decode_mod
 from kernels.decode_attention import choose_num_splits
 from kernels.reference import paged_decode_attention_ref
@@ -171,7 +172,7 @@ def test_decode_no_sequences():
 
 def test_decode_torch_fallback_matches(monkeypatch):
     """Without the interpreter, CPU calls take the reference path: same result."""
-    monkeypatch.setattr(decode_mod, "use_triton", lambda *t: False)
+    monkeypatch.setattr(_runtime, "use_triton", lambda *t: False)
     case = make_case(2, 4, 2, 64, 16, torch.float32, [70, 3])
     check_against_reference(case)
 

@@ -1,9 +1,6 @@
-"""The kernels as torch custom ops: registration, opcheck, torch.compile, CUDA graphs; and
-an ahead-of-time sm_90 build of the kernels that needs no GPU (catches GPU-only compile
-errors and register spills on a CPU machine)."""
-import json
-import os
-import re
+"""The kernels as torch custom ops: registration, opcheck, torch.compile, CUDA graphs.
+(The ahead-of-time sm_90 build of every kernel is in test_kernel_aot.py.)"""
+import importlib
 import subprocess
 import sys
 
@@ -11,8 +8,8 @@ import pytest
 import torch
 
 import kernels
-from kernels import ops
-from kernels.reference import paged_decode_attention_ref, write_kv_ref
+from kernels import ops  # re-exports only
+from kernels.reference import compact_blocks_ref, paged_decode_attention_ref, write_kv_ref
 
 
 def make_step_inputs(device="cpu", dtype=torch.float16, num_seqs=3, heads=4, kv_heads=2,
@@ -47,10 +44,32 @@ def reference_step(t, scale=None):
 
 
 def test_ops_are_registered_in_the_kvarena_namespace():
-    assert hasattr(torch.ops.kvarena, "write_kv")
-    assert hasattr(torch.ops.kvarena, "paged_decode_attention")
+    for name in ("write_kv", "paged_decode_attention", "paged_prefill_attention",
+                 "compact_blocks"):
+        assert hasattr(torch.ops.kvarena, name), name
     schema = str(torch.ops.kvarena.paged_decode_attention.default._schema)
     assert "Tensor(a4!) out" in schema  # declared as mutated, so functionalisation sees it
+    schema = str(torch.ops.kvarena.compact_blocks.default._schema)
+    assert "Tensor(a0!) blocks" in schema and "Tensor(a3!)? block_tables" in schema
+
+
+def test_ops_module_only_re_exports():
+    for name in ("write_kv", "decode_attention", "prefill_attention", "compact"):
+        mod = sys.modules[f"kernels.{name}"]
+        op = next(v for k, v in vars(mod).items() if k.endswith("_op") and hasattr(v, "_init_fn"))
+        assert getattr(ops, op._init_fn.__name__) is op
+
+
+def test_no_import_cycle_inside_kernels():
+    # Each module imports cleanly on its own in a fresh interpreter (a cycle through
+    # kernels.ops used to make this order-dependent), and none imports kernels.ops.
+    for name in ("_checks", "_runtime", "reference", "write_kv", "decode_attention",
+                 "prefill_attention", "compact", "ops"):
+        code = f"import importlib; importlib.import_module('kernels.{name}')"
+        subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    for name in ("write_kv", "decode_attention", "prefill_attention", "compact"):
+        src = importlib.util.find_spec(f"kernels.{name}").origin
+        assert "import ops" not in open(src).read() and "from .ops" not in open(src).read()
 
 
 def test_opcheck_write_kv():
@@ -65,6 +84,33 @@ def test_opcheck_paged_decode_attention():
     torch.library.opcheck(torch.ops.kvarena.paged_decode_attention.default,
                           (t["query"], t["kv_cache"], t["block_tables"], t["seq_lens"], out,
                            0.2, 3))
+
+
+def compact_inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    blocks = torch.randn(16, 2, 4, 8, generator=g)
+    table = torch.randint(-1, 16, (3, 6), generator=g, dtype=torch.int32)
+    return blocks, torch.tensor([15, 12, 9]), torch.tensor([0, 3, 5]), table
+
+
+def test_opcheck_compact_blocks():
+    blocks, src, dst, table = compact_inputs()
+    torch.library.opcheck(torch.ops.kvarena.compact_blocks.default, (blocks, src, dst, table))
+    torch.library.opcheck(torch.ops.kvarena.compact_blocks.default, (blocks, src, dst, None))
+
+
+def test_torch_compile_fullgraph_compact_blocks():
+    blocks, src, dst, table = compact_inputs(seed=1)
+    want_b, want_t = blocks.clone(), table.clone()
+    compact_blocks_ref(want_b, src, dst, want_t)
+
+    def step(blocks, src, dst, table):
+        kernels.compact_blocks(blocks, src, dst, table)
+        return table.sum()
+
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(blocks, src, dst, table)
+    assert torch.equal(blocks, want_b) and torch.equal(table, want_t)
+    assert int(got) == int(want_t.sum())
 
 
 def _decode_step(query, key, value, slots, kv_cache, block_tables, seq_lens):
@@ -154,110 +200,3 @@ def test_cuda_graph_decode_step_matches_eager(dtype):
         torch.cuda.synchronize()
         assert torch.equal(out, want)
         assert torch.equal(static["buffer"], eager["buffer"])
-
-
-# --- sm_90 build without a GPU ------------------------------------------------------------
-# Run as a script (``python tests/test_kernel_ops.py``) with TRITON_INTERPRET unset, this file
-# captures the kernels' real launch arguments (the launch functions are called with
-# use_triton forced on and the JIT's run() replaced), compiles each variant for sm_90 with
-# triton's bundled ptxas, and prints one JSON line per variant with its registers and spill
-# stack. It relies on triton's compiler internals (pinned to < 3.10), so the test skips if
-# the harness itself cannot start.
-
-_AOT_DECODE_CASES = [  # heads, kv_heads, head_dim, block_size, query dtype, cache dtype, splits
-    (32, 8, 128, 16, "float16", "float16", 1),
-    (32, 8, 128, 16, "bfloat16", "bfloat16", 4),
-    (32, 32, 128, 16, "float16", "float16", 1),
-    (80, 1, 128, 16, "float16", "float16", 2),
-    (16, 4, 256, 16, "bfloat16", "bfloat16", 1),
-    (8, 2, 192, 128, "bfloat16", "bfloat16", 64),
-    (32, 8, 80, 16, "float16", "float16", 1),
-    (16, 4, 256, 16, "float32", "float32", 1),
-    (32, 8, 128, 16, "float32", "float16", 1),
-]
-
-
-def _aot_main():  # pragma: no cover - runs in a subprocess
-    import importlib
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
-
-    dm = importlib.import_module("kernels.decode_attention")
-    wm = importlib.import_module("kernels.write_kv")
-    target = GPUTarget("cuda", 90, 32)
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
-    ptr = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32",
-           torch.int32: "*i32", torch.int64: "*i64"}
-
-    def build(fn, args, kwargs, label):
-        kw = dict(kwargs)
-        opts = {"num_warps": kw.pop("num_warps", 4), "num_stages": kw.pop("num_stages", 3)}
-        sig, consts, attrs = {}, {}, {}
-        # Specialise like the JIT launcher: ints equal to 1 become constants, multiples of
-        # 16 (and every tensor pointer) carry the divisibility hint.
-        for i, name in enumerate(fn.arg_names):
-            if i >= len(args):
-                consts[name], sig[name] = kw[name], "constexpr"
-                continue
-            a = args[i]
-            if isinstance(a, torch.Tensor):
-                sig[name], attrs[(i,)] = ptr[a.dtype], [["tt.divisibility", 16]]
-            elif isinstance(a, float):
-                sig[name] = "fp32"
-            elif a == 1:
-                consts[name], sig[name] = 1, "constexpr"
-            else:
-                sig[name] = "i32"
-                if a % 16 == 0:
-                    attrs[(i,)] = [["tt.divisibility", 16]]
-        options = make_backend(target).parse_options(opts).__dict__
-        k = triton.compile(ASTSource(fn, sig, consts, attrs), target=target, options=options)
-        path = os.path.join(os.environ.get("AOT_TMP", "/tmp"), f"kvarena_{os.getpid()}.cubin")
-        with open(path, "wb") as f:
-            f.write(k.asm["cubin"])
-        res = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True,
-                             text=True).stdout
-        os.unlink(path)
-        m = re.search(r"REG:(\d+) STACK:(\d+)", res)
-        print(json.dumps(dict(label=label, regs=int(m.group(1)), stack=int(m.group(2)))), flush=True)
-
-    def intercept(kernel, label):
-        kernel.run = lambda *a, grid=None, warmup=False, **kw: build(kernel, a, kw, label)
-
-    dm.use_triton = wm.use_triton = lambda *t: True
-    for heads, kv_heads, dim, bs, qd, cd, splits in _AOT_DECODE_CASES:
-        label = f"decode {heads}/{kv_heads} d{dim} bs{bs} {qd}/{cd} splits={splits}"
-        intercept(dm._decode_split_kernel, label)
-        intercept(dm._merge_splits_kernel, label + " merge")
-        q = torch.zeros(2, heads, dim, dtype=getattr(torch, qd))
-        cache = torch.zeros(8, 2, bs, kv_heads, dim, dtype=getattr(torch, cd))
-        dm.launch_decode_attention(q, cache, torch.zeros(2, 4, dtype=torch.int32),
-                                   torch.ones(2, dtype=torch.int32), torch.empty_like(q),
-                                   0.1, splits)
-    intercept(wm._write_kv_kernel, "write_kv bf16 <- fp32")
-    wm.launch_write_kv(torch.zeros(8, 2, 16, 8, 128, dtype=torch.bfloat16),
-                       torch.zeros(3, 8, 128), torch.zeros(3, 8, 128),
-                       torch.zeros(3, dtype=torch.int64))
-
-
-def test_kernels_build_for_sm90_without_spills(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(AOT_TMP=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1",
-               PYTHONPATH=os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env,
-                          capture_output=True, text=True, timeout=300)
-    if proc.returncode and ("ImportError" in proc.stderr or "ModuleNotFoundError" in proc.stderr
-                            or "No such file" in proc.stderr):
-        pytest.skip(f"no sm_90 toolchain here: {proc.stderr.strip().splitlines()[-1]}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    merges = sum(c[-1] > 1 for c in _AOT_DECODE_CASES)
-    assert len(rows) == len(_AOT_DECODE_CASES) + merges + 1, proc.stdout
-    spilled = [r for r in rows if r["stack"] > 0]
-    assert not spilled, spilled
-
-
-if __name__ == "__main__":
-    _aot_main()

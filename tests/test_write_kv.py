@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import kernels
+from kernels import _runtime
 from kernels.reference import write_kv_ref
 
 # The package exports a function of the same name, so fetch the module itself.
@@ -101,7 +102,7 @@ def test_write_kv_no_tokens_is_a_no_op():
 
 def test_write_kv_torch_fallback_matches(monkeypatch):
     """Without the interpreter, CPU calls take the reference path: same result."""
-    monkeypatch.setattr(write_kv_mod, "use_triton", lambda *t: False)
+    monkeypatch.setattr(_runtime, "use_triton", lambda *t: False)
     _, cache = make_cache(6, 16, 2, 64, torch.float16)
     want = cache.clone()
     key, value = make_tokens(10, 2, 64, torch.float16, strided=True)
