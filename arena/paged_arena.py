@@ -447,6 +447,13 @@ class PagedArena:
         copies them and rewrites the device block table in the same launch; the host mirror
         and pool ownership follow). Returns the moves as int64 arrays: block ``src[k]`` now
         lives at ``dst[k]``. Lower leases first (``Pool.resize``) to give memory back.
+
+        It moves blocks of every pool: block ids held outside the block tables are stale
+        afterwards (apply the returned moves, or re-read ``Pool.owned()``/``tables.blocks()``).
+        With several threads, hold :attr:`lock` from ``allocate`` until the ids are in a table.
+        All or nothing if the compaction kernel fails (tables restored, nothing moved); if the
+        device then fails to unmap, the moves stand, the books record exactly the chunks that
+        went, and the exception carries ``moves = (src, dst)``.
         """
         src, dst, drop = self.plan_shrink()
         if src.size:
