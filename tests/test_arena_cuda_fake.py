@@ -230,3 +230,65 @@ def test_every_driver_name_the_backend_uses_exists_in_cuda_bindings():
                  "CUmemAccessDesc", "CUresult", "CUmemAllocationType", "CUmemLocationType",
                  "CUmemAccess_flags", "CUmemAllocationGranularity_flags"]:
         assert hasattr(driver, name), name
+
+
+def test_default_runtime_orders_unmaps_with_a_torch_event_on_the_current_stream(monkeypatch):
+    """No CuPy stream (ExternalStream is deprecated in CuPy 14): one torch event, recorded
+    on torch's current stream of the arena's device, then waited on."""
+    from arena.cuda_memory import CudaRuntime
+    log = []
+
+    class Event:
+        def record(self, stream):
+            log.append(("record", stream))
+
+        def synchronize(self):
+            log.append(("synchronize",))
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda index: f"stream-of-{index}")
+    CudaRuntime().wait_queued(3)
+    assert log == [("record", "stream-of-3"), ("synchronize",)]
+
+
+def test_default_runtime_makes_torch_context_before_the_driver_is_asked(monkeypatch):
+    from arena.cuda_memory import CudaRuntime, allocation_granularity
+    log = []
+    d = FakeDriver(granularity=G, device_index=1)
+
+    class Runtime(CudaRuntime):
+        driver = d
+
+    monkeypatch.setattr(torch.cuda, "init", lambda: log.append("torch.cuda.init"))
+
+    class Device:
+        def __init__(self, index):
+            log.append(("device", index))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "device", Device)
+    real_empty = torch.empty
+
+    def empty(*shape, device=None, **kw):
+        if device is not None and torch.device(device).type == "cuda":
+            log.append(("empty", str(device)))
+            d.context = True  # what torch's first allocation does: the primary context
+            return real_empty(*shape, **kw)
+        return real_empty(*shape, device=device, **kw)
+
+    monkeypatch.setattr(torch, "empty", empty)
+    assert allocation_granularity(1, Runtime()) == G
+    assert log == ["torch.cuda.init", ("device", 1), ("empty", "cuda:1")]
+    assert d.names() == ["cuInit", "cuMemGetAllocationGranularity"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
+def test_default_runtime_without_cuda_is_a_clear_error():
+    from arena.cuda_memory import CudaRuntime
+    with pytest.raises(ValueError, match="no CUDA device is available"):
+        CudaMemory(8 * G, device="cuda:0", runtime=CudaRuntime())

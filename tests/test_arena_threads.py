@@ -50,7 +50,7 @@ class Worker:
         op = rng.random()
         owned = self.pool.num_owned
         if op < 0.25:
-            target = owned + rng.randint(0, 24)
+            target = owned + rng.randint(0, 10)
             try:
                 pool.resize(target)
                 self.lease = target
@@ -76,7 +76,12 @@ class Worker:
                 with a.lock:
                     pool.free(a.tables.remove(seq))
                 del self.seqs[seq]
-        elif op < 0.9:
+        elif op < 0.9:  # the window end: the oldest (lowest) sequence finishes, leases drop
+            if self.seqs:
+                seq = min(self.seqs)
+                with a.lock:
+                    pool.free(a.tables.remove(seq))
+                del self.seqs[seq]
             self.lease = pool.num_owned
             pool.resize(self.lease)
             a.shrink()
