@@ -22,7 +22,7 @@ import torch
 from arena import ArenaOutOfMemory, BlockTables
 from kernels import compact_blocks
 from kernels.reference import compact_blocks_ref
-from tests.arena_helpers import PAGE, check_invariants, tiny_arena
+from tests.arena_helpers import check_invariants, tiny_arena
 
 OPS = int(os.environ.get("ARENA_SOAK_OPS",
                          100_000 if os.environ.get("CI", "").lower() == "true" else 10_000))

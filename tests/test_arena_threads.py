@@ -12,7 +12,6 @@ import sys
 import threading
 import time
 
-import numpy as np
 import torch
 
 from arena import ArenaOutOfMemory
