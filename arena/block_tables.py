@@ -3,11 +3,17 @@
 Kernels read the device table (``[max_seqs, max_blocks_per_seq]``, padding -1); compaction
 rewrites it in place on the device and the host mirror with the same remap. Sequences are
 opaque integer keys: the arena knows no requests.
+
+Thread-safe: every method takes the owning arena's lock (see :mod:`arena._guard`); after the
+arena is closed every method raises ``ArenaError("arena is closed")``.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+from ._checks import as_block_ids, as_int
+from ._guard import Guard, guarded
 
 PAD = -1
 
@@ -18,19 +24,17 @@ class BlockTables:
 
     On a CPU arena the device table is the host table's memory. ``separate_mirror=True``
     keeps a separate device copy even on the CPU, so tests exercise the GPU code path.
+    ``guard``: the owning arena's lock and closed flag (a standalone table gets its own).
     """
 
     def __init__(self, max_seqs: int, max_blocks_per_seq: int, device: torch.device, *,
-                 num_blocks: int | None = None, separate_mirror: bool = False):
-        if max_seqs < 1:
-            raise ValueError(f"max_seqs must be >= 1, got {max_seqs}")
-        if max_blocks_per_seq < 1:
-            raise ValueError(f"max_blocks_per_seq must be >= 1, got {max_blocks_per_seq}")
-        if num_blocks is not None and num_blocks < 1:
-            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
-        self.max_seqs = int(max_seqs)
-        self.max_blocks_per_seq = int(max_blocks_per_seq)
-        self.num_blocks = np.iinfo(np.int32).max if num_blocks is None else int(num_blocks)
+                 num_blocks: int | None = None, separate_mirror: bool = False,
+                 guard: Guard | None = None):
+        self.max_seqs = as_int(max_seqs, "max_seqs", minimum=1)
+        self.max_blocks_per_seq = as_int(max_blocks_per_seq, "max_blocks_per_seq", minimum=1)
+        self.num_blocks = (np.iinfo(np.int32).max if num_blocks is None
+                           else as_int(num_blocks, "num_blocks", minimum=1))
+        self._guard = Guard() if guard is None else guard
         self.device = torch.device(device)
         self.host = np.full((self.max_seqs, self.max_blocks_per_seq), PAD, dtype=np.int32)
         self.lengths = np.zeros(self.max_seqs, dtype=np.int64)
@@ -45,9 +49,11 @@ class BlockTables:
                                       dtype=torch.int32, device=self.device)
             self._dirty = set()
 
+    @guarded
     def __contains__(self, seq_id) -> bool:
         return seq_id in self._rows
 
+    @guarded
     def __len__(self) -> int:
         return len(self._rows)
 
@@ -61,6 +67,7 @@ class BlockTables:
         if self._dirty is not None:
             self._dirty.add(row)
 
+    @guarded
     def add(self, seq_id: int) -> int:
         """Register ``seq_id`` with an empty table; returns its row in :attr:`device_table`."""
         if seq_id in self._rows:
@@ -71,28 +78,26 @@ class BlockTables:
         self._rows[seq_id] = row
         return row
 
+    @guarded
     def append(self, seq_id: int, block_ids) -> None:
         """Append ``block_ids`` (int array-like) to ``seq_id``'s table."""
         row = self._row_of(seq_id)
-        ids = np.asarray(block_ids)
-        if ids.dtype == object or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
-            raise TypeError(f"block_ids must hold integers, got dtype {ids.dtype}")
-        ids = ids.astype(np.int64).reshape(-1)
+        ids = as_block_ids(block_ids, self.num_blocks, unique=False)
         n, start = ids.size, int(self.lengths[row])
         if start + n > self.max_blocks_per_seq:
             raise ValueError(f"block_ids would grow seq_id {seq_id!r} to {start + n} blocks, "
-                             f"above max_blocks_per_seq={self.max_blocks_per_seq}")
-        if n and (ids.min() < 0 or ids.max() >= self.num_blocks):
-            raise ValueError(f"block_ids must be block ids in [0, {self.num_blocks}), got "
-                             f"[{ids.min()}, {ids.max()}]")
+                             f"above max_blocks_per_seq={self.max_blocks_per_seq} (build the "
+                             "arena with a larger max_model_len or max_blocks_per_seq)")
         self.host[row, start:start + n] = ids
         self.lengths[row] = start + n
         self._touch(row)
 
+    @guarded
     def truncate(self, seq_id: int, num_blocks: int) -> np.ndarray:
         """Keep the first ``num_blocks`` entries; returns the ids dropped (int64)."""
         row = self._row_of(seq_id)
         length = int(self.lengths[row])
+        num_blocks = as_int(num_blocks, "num_blocks")
         if not 0 <= num_blocks <= length:
             raise ValueError(f"num_blocks must be in [0, {length}], got {num_blocks}")
         dropped = self.host[row, num_blocks:length].astype(np.int64)
@@ -101,11 +106,13 @@ class BlockTables:
         self._touch(row)
         return dropped
 
+    @guarded
     def blocks(self, seq_id: int) -> np.ndarray:
         """``seq_id``'s block ids now (int64 copy), after any compaction."""
         row = self._row_of(seq_id)
         return self.host[row, :self.lengths[row]].astype(np.int64)
 
+    @guarded
     def remove(self, seq_id: int) -> np.ndarray:
         """Forget ``seq_id``; returns its block ids (the blocks themselves are not freed)."""
         ids = self.blocks(seq_id)
@@ -116,21 +123,25 @@ class BlockTables:
         self._free_rows.append(row)
         return ids
 
+    @guarded
     def row(self, seq_id: int) -> int:
         """Row of ``seq_id`` in :attr:`device_table`."""
         return self._row_of(seq_id)
 
+    @guarded
     def rows(self, seq_ids) -> np.ndarray:
         """Rows of several sequences, int32 ``[len(seq_ids)]``."""
         return np.fromiter((self._row_of(s) for s in seq_ids), dtype=np.int32)
 
     @property
+    @guarded
     def device_table(self) -> torch.Tensor:
         """Device int32 table ``[max_seqs, max_blocks_per_seq]``, synced from the host first
         (only rows changed since the last sync are copied)."""
         self.sync()
         return self._device
 
+    @guarded
     def sync(self) -> None:
         """Copy host rows changed since the last sync to the device table."""
         if not self._dirty:
@@ -141,6 +152,20 @@ class BlockTables:
         self._device.index_copy_(0, idx, src)
         self._dirty.clear()
 
+    @guarded
+    def snapshot(self) -> tuple[np.ndarray, torch.Tensor | None]:
+        """Copies of the host table and (when separate) the device table, for :meth:`restore`."""
+        return self.host.copy(), None if self._dirty is None else self._device.clone()
+
+    @guarded
+    def restore(self, saved: tuple[np.ndarray, torch.Tensor | None]) -> None:
+        """Put back a :meth:`snapshot` (both tables), e.g. after a failed compaction."""
+        host, device = saved
+        self.host[...] = host
+        if device is not None:
+            self._device.copy_(device)
+
+    @guarded
     def remap_host(self, src: np.ndarray, dst: np.ndarray, num_blocks: int) -> None:
         """Apply the compaction remap (``src[k]`` -> ``dst[k]``) to the host mirror, exactly
         as the kernel treats the device table: entries outside ``[0, num_blocks)`` are left

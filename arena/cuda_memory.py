@@ -3,17 +3,28 @@
 One ``cuMemAddressReserve`` at construction gives the arena a virtual range whose base never
 moves; every chunk is its own physical allocation (``cuMemCreate``) mapped into the range
 (``cuMemMap`` + ``cuMemSetAccess``), so chunks can be returned one by one (``cuMemUnmap`` +
-``cuMemRelease``). The range is wrapped as a CuPy array over ``UnownedMemory`` and shared with
-torch by DLPack: one tensor, one address, for the arena's whole life, which keeps CUDA graphs
-captured over it valid while the arena grows and shrinks.
+``cuMemRelease``). The range is shared with torch as one tensor, one address, for the arena's
+whole life, which keeps CUDA graphs captured over it valid while the arena grows and shrinks.
 
-Every unmap (or batch of unmaps) first waits on a CuPy event recorded on the current torch
+Every unmap (or batch of unmaps) first waits on a torch CUDA event recorded on the current
 stream, so no kernel queued there can still read the chunk when it disappears (otherwise:
 CUDA_ERROR_ILLEGAL_ADDRESS). An engine that runs kernels over the arena on other streams
 must make the current stream wait for them before it shrinks (as it would before freeing
 any memory those streams use).
 
-cuda-bindings and CuPy are imported here only, lazily: the CPU path never needs them.
+Lifetime: the reservation belongs to a small :class:`_Reservation` object, which the tensor
+view keeps alive (through DLPack and CuPy's ``UnownedMemory(owner=...)``); it refers to
+nothing that refers back, so an arena that is never closed is freed by reference counting,
+and its chunks are unmapped and the range freed when the last view goes. ``close()`` unmaps
+every chunk at once; the virtual range itself is freed when the last view is collected, so a
+view kept past ``close()`` never aliases another allocation — but a kernel that reads it hits
+unmapped addresses: an illegal-address error that poisons the CUDA context. Drop every
+``kv_cache()``/``blocks`` view (and CUDA graphs captured over them) before closing.
+
+Everything CUDA-specific is reached through a :class:`CudaRuntime` (the driver module, the
+primary context, the free-memory query, the stream wait and the tensor wrapping), so tests
+run this module's logic against a fake driver on machines without a GPU.
+cuda-bindings and CuPy are imported lazily, only by the default runtime.
 """
 from __future__ import annotations
 
@@ -23,18 +34,66 @@ from .errors import ArenaOutOfMemory
 from .memory import DeviceMemory
 
 
-def _driver():
-    try:
-        from cuda.bindings import driver
-    except ImportError as exc:  # pragma: no cover - depends on the machine
-        raise ImportError("the CUDA backend needs cuda-bindings: pip install "
-                          "'windowed-kv-arena[cuda12]' (or [cuda13])") from exc
-    return driver
+class CudaRuntime:
+    """The seams between :class:`CudaMemory` and CUDA: the default goes through torch,
+    cuda-bindings and CuPy. Tests pass a subclass with a fake driver."""
+
+    @property
+    def driver(self):
+        """The ``cuda.bindings.driver`` module (or a stand-in with the same functions)."""
+        try:
+            from cuda.bindings import driver
+        except ImportError as exc:  # pragma: no cover - depends on the machine
+            raise ImportError("the CUDA backend needs cuda-bindings: pip install "
+                              "'windowed-kv-arena[cuda12]' (or [cuda13])") from exc
+        return driver
+
+    def resolve(self, device: torch.device) -> int:
+        """The CUDA device index ``device`` names (the current device for a bare "cuda").
+        Raises ValueError when CUDA is not available."""
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={str(device)!r} but no CUDA device is available "
+                             "(torch.cuda.is_available() is False)")
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if not 0 <= index < torch.cuda.device_count():
+            raise ValueError(f"device={str(device)!r}: only {torch.cuda.device_count()} CUDA "
+                             "device(s) exist")
+        return index
+
+    def tensor_device(self, index: int) -> torch.device:
+        """Where the wrapped range lives for torch."""
+        return torch.device("cuda", index)
+
+    def init_context(self, index: int) -> None:
+        """Make torch's primary context on ``index`` exist and current, before any driver
+        call: the range must live in the context torch's kernels run in."""
+        torch.cuda.init()
+        with torch.cuda.device(index):
+            torch.empty(1, device=torch.device("cuda", index))
+
+    def device_free_bytes(self, index: int) -> int:
+        """Free memory of the device, in bytes."""
+        return int(torch.cuda.mem_get_info(index)[0])
+
+    def wait_queued(self, index: int) -> None:
+        """Block until every kernel queued so far on torch's current stream of ``index`` has
+        finished (one event, recorded and waited on)."""
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(index))
+        event.synchronize()
+
+    def wrap(self, base: int, nbytes: int, index: int, owner: object) -> torch.Tensor:
+        """A uint8 tensor ``[nbytes]`` over device addresses ``[base, base + nbytes)``, which
+        keeps ``owner`` alive as long as the tensor or any view of it lives."""
+        import cupy
+
+        mem = cupy.cuda.UnownedMemory(base, nbytes, owner=owner, device_id=index)
+        array = cupy.ndarray((nbytes,), dtype=cupy.uint8, memptr=cupy.cuda.MemoryPointer(mem, 0))
+        return torch.from_dlpack(array)
 
 
-def _check(result, what: str):
+def _check(driver, result, what: str):
     """Unpack a cuda-bindings ``(CUresult, *values)`` tuple, raising on any error."""
-    driver = _driver()
     err, *values = result if isinstance(result, tuple) else (result,)
     if err != driver.CUresult.CUDA_SUCCESS:
         _, name = driver.cuGetErrorName(err)
@@ -52,15 +111,55 @@ def _allocation_prop(driver, index: int):
     return prop
 
 
-def allocation_granularity(index: int) -> int:
+def allocation_granularity(index: int, runtime: CudaRuntime | None = None) -> int:
     """Minimum physical allocation granularity in bytes of CUDA device ``index`` (2 MiB on
-    current NVIDIA GPUs), from cuMemGetAllocationGranularity."""
-    driver = _driver()
-    _check(driver.cuInit(0), "cuInit")
-    return int(_check(driver.cuMemGetAllocationGranularity(
+    current NVIDIA GPUs), from cuMemGetAllocationGranularity, asked once torch's primary
+    context exists."""
+    runtime = CudaRuntime() if runtime is None else runtime
+    runtime.init_context(index)
+    driver = runtime.driver
+    _check(driver, driver.cuInit(0), "cuInit")
+    return int(_check(driver, driver.cuMemGetAllocationGranularity(
         _allocation_prop(driver, index),
         driver.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM),
         "cuMemGetAllocationGranularity"))
+
+
+class _Reservation:
+    """Owns one reserved virtual range and its mapped chunks (``offset -> (nbytes, handle)``).
+
+    It holds no reference to the :class:`CudaMemory` that fills it, so the tensor view can
+    keep it alive without a reference cycle. When it is collected, chunks still mapped are
+    unmapped and released (after the device finishes queued work) and the range is freed.
+    """
+
+    def __init__(self, runtime: CudaRuntime, index: int, base: int, nbytes: int):
+        self.runtime, self.index, self.base, self.nbytes = runtime, index, int(base), nbytes
+        self.chunks: dict[int, tuple[int, object]] = {}
+
+    def unmap(self, offset: int, nbytes: int, handle) -> None:
+        driver = self.runtime.driver
+        _check(driver, driver.cuMemUnmap(self.base + offset, nbytes), "cuMemUnmap")
+        _check(driver, driver.cuMemRelease(handle), "cuMemRelease")
+
+    def free(self) -> None:
+        """Unmap what is left and free the range (once)."""
+        if self.base is None:
+            return
+        if self.chunks:
+            self.runtime.wait_queued(self.index)
+            for offset, (nbytes, handle) in list(self.chunks.items()):
+                self.unmap(offset, nbytes, handle)
+                del self.chunks[offset]
+        driver = self.runtime.driver
+        base, self.base = self.base, None
+        _check(driver, driver.cuMemAddressFree(base, self.nbytes), "cuMemAddressFree")
+
+    def __del__(self):
+        try:
+            self.free()
+        except Exception:  # pragma: no cover - interpreter shutdown, driver already gone
+            pass
 
 
 class CudaMemory(DeviceMemory):
@@ -68,121 +167,68 @@ class CudaMemory(DeviceMemory):
 
     ``limit_bytes`` optionally caps what this range may map (on top of the device's free
     memory), so an arena can be told to leave room for weights and activations.
+    ``runtime``: the CUDA seams (default: torch + cuda-bindings + CuPy).
     """
 
     def __init__(self, reserved_bytes: int, *, device: str | torch.device = "cuda",
-                 limit_bytes: int | None = None):
-        driver = _driver()
-        import cupy
-
-        self._cupy = cupy
-        self.device = torch.device(device)
-        if self.device.type != "cuda":
-            raise ValueError(f"device must be a CUDA device, got {self.device}")
-        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        self.device = torch.device("cuda", index)
-        # Make torch's primary context current so the range lives where torch's kernels run.
-        torch.cuda.init()
-        with torch.cuda.device(index):
-            torch.empty(1, device=self.device)
+                 limit_bytes: int | None = None, runtime: CudaRuntime | None = None):
+        self._runtime = runtime = CudaRuntime() if runtime is None else runtime
+        device = torch.device(device)
+        if device.type != "cuda":
+            raise ValueError(f"device must be a CUDA device, got {device}")
+        index = runtime.resolve(device)
+        granularity = allocation_granularity(index, runtime)  # makes the context first
+        self._setup(reserved_bytes, granularity, limit_bytes)
+        driver = self._driver = runtime.driver
         self._index = index
-        self.granularity = allocation_granularity(index)
+        self.device = runtime.tensor_device(index)
         self._prop = _allocation_prop(driver, index)
         self._access = driver.CUmemAccessDesc()
         self._access.location.type = driver.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
         self._access.location.id = index
         self._access.flags = driver.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
-        if reserved_bytes <= 0 or reserved_bytes % self.granularity:
-            raise ValueError(f"reserved_bytes must be a positive multiple of the device "
-                             f"granularity {self.granularity}, got {reserved_bytes}")
-        self.reserved_bytes = int(reserved_bytes)
-        self.limit_bytes = None if limit_bytes is None else int(limit_bytes)
-        self._base = _check(driver.cuMemAddressReserve(self.reserved_bytes, self.granularity,
-                                                       0, 0), "cuMemAddressReserve")
-        self._handles: dict[int, tuple[object, int]] = {}
-        self._mapped = 0
-        mem = cupy.cuda.UnownedMemory(int(self._base), self.reserved_bytes, owner=self,
-                                      device_id=index)
-        array = cupy.ndarray((self.reserved_bytes,), dtype=cupy.uint8,
-                             memptr=cupy.cuda.MemoryPointer(mem, 0))
-        self._view = torch.from_dlpack(array)
+        base = _check(driver, driver.cuMemAddressReserve(self.reserved_bytes, self.granularity,
+                                                         0, 0), "cuMemAddressReserve")
+        self._res = _Reservation(runtime, index, int(base), self.reserved_bytes)
+        self._chunks = self._res.chunks  # one book: the reservation frees what is left in it
+        self._view = runtime.wrap(int(base), self.reserved_bytes, index, self._res)
 
     @property
     def base_address(self) -> int:
         """Virtual address of the range's first byte (constant for the backend's life)."""
-        return int(self._base)
+        self._check_open()
+        return self._res.base
 
-    @property
-    def mapped_bytes(self) -> int:
-        return self._mapped
+    def _device_free_bytes(self) -> int:
+        return self._runtime.device_free_bytes(self._index)
 
-    def free_bytes(self) -> int:
-        free_device, _ = torch.cuda.mem_get_info(self.device)
-        free = min(int(free_device), self.reserved_bytes - self._mapped)
-        if self.limit_bytes is not None:
-            free = min(free, max(0, self.limit_bytes - self._mapped))
-        return free
-
-    def map(self, offset: int, nbytes: int) -> None:
-        self._check_range(offset, nbytes)
-        if offset in self._handles:
-            raise ValueError(f"a chunk is already mapped at offset {offset}")
-        if self.limit_bytes is not None and self._mapped + nbytes > self.limit_bytes:
-            raise ArenaOutOfMemory("CUDA backend: arena limit reached", requested_bytes=nbytes,
-                                   free_bytes=self.free_bytes())
-        driver = _driver()
+    def _map_chunk(self, offset: int, nbytes: int):
+        driver = self._driver
         err, handle = driver.cuMemCreate(nbytes, self._prop, 0)
         if err == driver.CUresult.CUDA_ERROR_OUT_OF_MEMORY:
             raise ArenaOutOfMemory("cuMemCreate: device out of memory", requested_bytes=nbytes,
                                    free_bytes=self.free_bytes())
-        _check((err,), "cuMemCreate")
-        addr = int(self._base) + offset
+        _check(driver, (err,), "cuMemCreate")
+        addr = self._res.base + offset
         try:
-            _check(driver.cuMemMap(addr, nbytes, 0, handle, 0), "cuMemMap")
+            _check(driver, driver.cuMemMap(addr, nbytes, 0, handle, 0), "cuMemMap")
             try:
-                _check(driver.cuMemSetAccess(addr, nbytes, [self._access], 1), "cuMemSetAccess")
-            except Exception:
+                _check(driver, driver.cuMemSetAccess(addr, nbytes, [self._access], 1),
+                       "cuMemSetAccess")
+            except BaseException:
                 driver.cuMemUnmap(addr, nbytes)
                 raise
-        except Exception:
+        except BaseException:
             driver.cuMemRelease(handle)
             raise
-        self._handles[offset] = (handle, nbytes)
-        self._mapped += nbytes
+        return handle
 
-    def unmap(self, offset: int, nbytes: int) -> None:
-        self.unmap_many([(offset, nbytes)])
+    def _wait_for_device(self) -> None:
+        self._runtime.wait_queued(self._index)
 
-    def unmap_many(self, ranges: list[tuple[int, int]]) -> None:
-        for offset, nbytes in ranges:
-            entry = self._handles.get(offset)
-            if entry is None or entry[1] != nbytes:
-                raise ValueError(f"no chunk of {nbytes} bytes is mapped at offset {offset}")
-        if not ranges:
-            return
-        driver = _driver()
-        cupy = self._cupy
-        # One wait for the batch: every kernel queued so far on torch's stream is done.
-        with cupy.cuda.Device(self._index):
-            stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(self.device).cuda_stream)
-            event = cupy.cuda.Event(disable_timing=True)
-            event.record(stream)
-            event.synchronize()
-        for offset, nbytes in ranges:
-            addr = int(self._base) + offset
-            _check(driver.cuMemUnmap(addr, nbytes), "cuMemUnmap")
-            _check(driver.cuMemRelease(self._handles[offset][0]), "cuMemRelease")
-            del self._handles[offset]
-            self._mapped -= nbytes
+    def _unmap_chunk(self, offset: int, nbytes: int, payload) -> None:
+        self._res.unmap(offset, nbytes, payload)
 
-    def tensor(self) -> torch.Tensor:
-        return self._view
-
-    def close(self) -> None:
-        if self._base is None:
-            return
-        # One wait on the device for all of them, as a shrink does.
-        self.unmap_many([(offset, nbytes) for offset, (_, nbytes) in self._handles.items()])
-        self._view = None
-        _check(_driver().cuMemAddressFree(self._base, self.reserved_bytes), "cuMemAddressFree")
-        self._base = None
+    def _release(self) -> None:
+        # The range is freed by the reservation when the last view of it is collected.
+        self._res = None

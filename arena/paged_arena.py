@@ -9,7 +9,11 @@ lowest free block, so the top of the arena empties first.
 Invariants (checked by the property tests):
 * every block is owned by at most one pool; owned blocks lie in mapped chunks;
 * each pool owns at most its lease; the sum of leases is at most the mapped blocks;
-* mapped bytes = mapped chunks x chunk bytes.
+* mapped bytes = mapped chunks x chunk bytes;
+* chunk 0 is mapped whenever any chunk is (every kernel's base pointer lies in it).
+
+Threads: one re-entrant lock per arena (:attr:`PagedArena.lock`) guards all arena, pool and
+block-table state; every public method takes it (see :mod:`arena._guard`).
 """
 from __future__ import annotations
 
@@ -21,6 +25,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ._checks import as_block_ids, as_int
+from ._guard import Guard, guarded
 from .block_tables import BlockTables
 from .errors import ArenaError, ArenaOutOfMemory, LeaseExceeded
 from .memory import GPU_GRANULARITY, DeviceMemory, HostMemory
@@ -28,6 +34,7 @@ from .pool import Pool
 from .spec import KVSpec
 
 FREE = -1
+DEFAULT_MAX_MODEL_LEN = 32768  # tokens: the default block-table width is this many tokens' blocks
 
 
 class PagedArena:
@@ -40,41 +47,68 @@ class PagedArena:
         device: "cpu" (host mmap backend) or "cuda"/"cuda:N" (CUDA virtual memory).
         device_limit_bytes: at most this many bytes are ever mapped (the device's share for
             KV; on the host backend it simulates the device's memory).
-        max_seqs, max_blocks_per_seq: block-table capacity (default width: every block).
+        max_seqs: rows of the block tables (sequences registered at once).
+        max_model_len: longest sequence in tokens; the block tables get
+            ``ceil(max_model_len / block_size)`` columns (at most one per block of the arena).
+            Default :data:`DEFAULT_MAX_MODEL_LEN`. Appending past it raises ValueError.
+        max_blocks_per_seq: the table width in blocks, instead of ``max_model_len``.
         granularity: host backend only; chunk granularity in bytes (default 2 MiB, as GPUs).
         chunk_bytes: chunk size; default the smallest granularity multiple holding whole blocks.
-        backend: a ready :class:`DeviceMemory` (tests inject failures this way).
+        backend: a ready :class:`DeviceMemory` (tests inject failures or a fake driver this way).
         compact_fn: the compaction kernel, ``(blocks, src, dst, block_tables) -> None``;
             default :func:`kernels.compact_blocks`.
+
+    Threads: every public method (and those of its pools and tables) takes :attr:`lock`, so
+    threads may share one arena; hold :attr:`lock` yourself to make several calls atomic.
+    Closing: after :meth:`close` every method raises ``ArenaError("arena is closed")``; views
+    handed out before stay harmless on the host (they read zeros); on CUDA they must not be
+    used (see :mod:`arena.cuda_memory`).
     """
 
     def __init__(self, spec: KVSpec, max_bytes: int, device: str | torch.device = "cpu", *,
                  device_limit_bytes: int | None = None, max_seqs: int = 256,
-                 max_blocks_per_seq: int | None = None, granularity: int | None = None,
-                 chunk_bytes: int | None = None, backend: DeviceMemory | None = None,
-                 compact_fn: Callable | None = None):
+                 max_model_len: int | None = None, max_blocks_per_seq: int | None = None,
+                 granularity: int | None = None, chunk_bytes: int | None = None,
+                 backend: DeviceMemory | None = None, compact_fn: Callable | None = None):
         if not isinstance(spec, KVSpec):
             raise TypeError(f"spec must be a KVSpec, got {type(spec).__name__}")
-        if not isinstance(max_bytes, (int, np.integer)) or max_bytes <= 0:
+        max_bytes = as_int(max_bytes, "max_bytes")
+        if max_bytes <= 0:
             raise ValueError(f"max_bytes must be a positive integer, got {max_bytes!r}")
+        max_seqs = as_int(max_seqs, "max_seqs", minimum=1)
+        width = self._table_width(spec, max_model_len, max_blocks_per_seq)
+        if device_limit_bytes is not None:
+            device_limit_bytes = as_int(device_limit_bytes, "device_limit_bytes", minimum=0)
         self.spec = spec
-        dev = torch.device(device) if backend is None else backend.device
+        self._guard = Guard()
         if backend is not None:
-            gran = backend.granularity
-        elif dev.type == "cuda":
-            from .cuda_memory import allocation_granularity
-            gran = allocation_granularity(dev.index if dev.index is not None
-                                          else torch.cuda.current_device())
+            if not isinstance(backend, DeviceMemory):
+                raise TypeError(f"backend must be a DeviceMemory, got {type(backend).__name__}")
+            dev, gran = backend.device, backend.granularity
         else:
-            gran = GPU_GRANULARITY if granularity is None else int(granularity)
+            dev = self._parse_device(device)
+            if dev.type == "cuda":
+                from .cuda_memory import CudaRuntime, allocation_granularity
+                runtime = CudaRuntime()
+                dev = torch.device("cuda", runtime.resolve(dev))
+                gran = allocation_granularity(dev.index, runtime)
+            else:
+                gran = GPU_GRANULARITY if granularity is None else as_int(granularity,
+                                                                          "granularity")
+                if gran <= 0:
+                    raise ValueError(f"granularity must be a positive multiple of the page "
+                                     f"size, got {gran}")
         if chunk_bytes is None:
             chunk_bytes = spec.chunk_bytes_for(gran)
-        elif chunk_bytes <= 0 or chunk_bytes % gran or chunk_bytes % spec.block_bytes:
-            raise ValueError(f"chunk_bytes must be a positive multiple of both the granularity "
-                             f"{gran} and the block size {spec.block_bytes} B, got {chunk_bytes}")
+        else:
+            chunk_bytes = as_int(chunk_bytes, "chunk_bytes")
+            if chunk_bytes <= 0 or chunk_bytes % gran or chunk_bytes % spec.block_bytes:
+                raise ValueError(f"chunk_bytes must be a positive multiple of both the "
+                                 f"granularity {gran} and the block size {spec.block_bytes} B, "
+                                 f"got {chunk_bytes}")
         self.chunk_bytes = int(chunk_bytes)
         self.blocks_per_chunk = self.chunk_bytes // spec.block_bytes
-        self.num_chunks = int(max_bytes) // self.chunk_bytes
+        self.num_chunks = max_bytes // self.chunk_bytes
         if self.num_chunks < 1:
             raise ValueError(f"max_bytes={max_bytes} is smaller than one chunk "
                              f"({self.chunk_bytes} B)")
@@ -83,23 +117,22 @@ class PagedArena:
         if backend is None:
             if dev.type == "cuda":
                 from .cuda_memory import CudaMemory
-                backend = CudaMemory(reserved, device=dev, limit_bytes=device_limit_bytes)
-            elif dev.type == "cpu":
-                backend = HostMemory(reserved, granularity=gran, limit_bytes=device_limit_bytes)
+                backend = CudaMemory(reserved, device=dev, limit_bytes=device_limit_bytes,
+                                     runtime=runtime)
             else:
-                raise ValueError(f"device must be 'cpu' or a CUDA device, got {device!r}")
+                backend = HostMemory(reserved, granularity=gran, limit_bytes=device_limit_bytes)
         elif backend.reserved_bytes < reserved:
             raise ValueError(f"backend reserves {backend.reserved_bytes} B, fewer than the "
                              f"{reserved} B this arena needs")
         self._mem = backend
         self.device = backend.device
         raw = backend.tensor()[:reserved]
-        self.blocks = raw.view(spec.dtype).view(self.capacity_blocks, *spec.block_shape)
+        self._blocks = raw.view(spec.dtype).view(self.capacity_blocks, *spec.block_shape)
         if compact_fn is None:
             from kernels import compact_blocks as compact_fn
         self._compact = compact_fn
-        width = self.capacity_blocks if max_blocks_per_seq is None else int(max_blocks_per_seq)
-        self.tables = BlockTables(max_seqs, width, self.device, num_blocks=self.capacity_blocks)
+        self.tables = BlockTables(max_seqs, min(width, self.capacity_blocks), self.device,
+                                  num_blocks=self.capacity_blocks, guard=self._guard)
 
         self._owner = np.full(self.capacity_blocks, FREE, dtype=np.int16)
         self._chunk_mapped = np.zeros(self.num_chunks, dtype=bool)
@@ -110,41 +143,86 @@ class PagedArena:
         self._counters = dict(map_calls=0, unmap_calls=0, shrinks=0, moves=0, bytes_moved=0,
                               time_map_s=0.0, time_unmap_s=0.0, time_compact_s=0.0)
 
+    @staticmethod
+    def _parse_device(device) -> torch.device:
+        try:
+            dev = torch.device(device)
+        except (TypeError, RuntimeError) as exc:
+            raise ValueError(f"device must be 'cpu' or a CUDA device, got {device!r}") from exc
+        if dev.type not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or a CUDA device, got {device!r}")
+        return dev
+
+    @staticmethod
+    def _table_width(spec: KVSpec, max_model_len, max_blocks_per_seq) -> int:
+        if max_blocks_per_seq is not None:
+            if max_model_len is not None:
+                raise ValueError("give max_model_len or max_blocks_per_seq, not both")
+            return as_int(max_blocks_per_seq, "max_blocks_per_seq", minimum=1)
+        tokens = DEFAULT_MAX_MODEL_LEN if max_model_len is None else as_int(
+            max_model_len, "max_model_len", minimum=1)
+        return spec.blocks_for(tokens)
+
+    @property
+    def lock(self):
+        """The arena's re-entrant lock: hold it to make several calls atomic together."""
+        return self._guard.lock
+
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`close`."""
+        return self._guard.closed
+
+    @property
+    @guarded
+    def blocks(self) -> torch.Tensor:
+        """Block-major buffer ``[capacity_blocks, num_layers, 2, block_size, num_kv_heads,
+        head_dim]`` in ``spec.dtype``; its address is fixed for the arena's life."""
+        return self._blocks
+
     # ------------------------------------------------------------------ views and numbers
+    @guarded
     def kv_cache(self, layer: int) -> torch.Tensor:
         """One layer's strided view ``[capacity_blocks, 2, block_size, num_kv_heads,
         head_dim]`` for the kernels; its address is fixed for the arena's life."""
         if not isinstance(layer, (int, np.integer)) or not 0 <= layer < self.spec.num_layers:
             raise ValueError(f"layer must be in [0, {self.spec.num_layers}), got {layer!r}")
-        return self.blocks[:, layer]
+        return self._blocks[:, layer]
 
     @property
+    @guarded
     def backend(self) -> DeviceMemory:
         """The device-memory backend (host mmap or CUDA VMM)."""
         return self._mem
 
     @property
+    @guarded
     def mapped_chunks(self) -> int:
         return int(self._chunk_mapped.sum())
 
     @property
+    @guarded
     def mapped_blocks(self) -> int:
         return self.mapped_chunks * self.blocks_per_chunk
 
     @property
+    @guarded
     def mapped_bytes(self) -> int:
         return self._mem.mapped_bytes
 
     @property
+    @guarded
     def leased_blocks(self) -> int:
         """Sum of every pool's lease, in blocks."""
         return self._leased
 
     @property
+    @guarded
     def used_blocks(self) -> int:
         """Blocks owned by pools (live KV), in blocks."""
         return self._used
 
+    @guarded
     def available_blocks(self) -> int:
         """Blocks that could still be leased now: mapped but unleased, plus what the device
         can still map. No side effects."""
@@ -152,6 +230,7 @@ class PagedArena:
         mappable = min(unmapped, self._mem.free_bytes() // self.chunk_bytes)
         return self.mapped_blocks - self._leased + mappable * self.blocks_per_chunk
 
+    @guarded
     def pool(self, name: str) -> Pool:
         """The pool called ``name``, created (with a zero lease) on first use."""
         if not isinstance(name, str) or not name:
@@ -164,10 +243,12 @@ class PagedArena:
         return pool
 
     @property
+    @guarded
     def pools(self) -> dict[str, Pool]:
         """Every pool by name."""
         return dict(self._pools)
 
+    @guarded
     def stats(self) -> dict:
         """Mapped/leased/used blocks and bytes, chunk counts, per-pool leases, and counters:
         map_calls, unmap_calls, shrinks, moves, bytes_moved, time_map_s, time_unmap_s,
@@ -218,16 +299,23 @@ class PagedArena:
 
     def _unmap_chunks(self, chunks: np.ndarray) -> None:
         t0 = time.perf_counter()
-        self._mem.unmap_many([(c * self.chunk_bytes, self.chunk_bytes) for c in chunks.tolist()])
-        self._chunk_mapped[chunks] = False
-        self._counters["unmap_calls"] += int(chunks.size)
-        self._counters["time_unmap_s"] += time.perf_counter() - t0
+        try:
+            self._mem.unmap_many([(c * self.chunk_bytes, self.chunk_bytes)
+                                  for c in chunks.tolist()])
+        finally:
+            # On a device error part-way, record exactly the chunks the backend did unmap.
+            gone = chunks[[not self._mem.is_mapped(c * self.chunk_bytes) for c in chunks.tolist()]]
+            self._chunk_mapped[gone] = False
+            self._counters["unmap_calls"] += int(gone.size)
+            self._counters["time_unmap_s"] += time.perf_counter() - t0
         if len(self._free_heap) > 4 * self.capacity_blocks:
             self._rebuild_heap()
 
-    def _rebuild_heap(self) -> None:
-        mapped = np.repeat(self._chunk_mapped, self.blocks_per_chunk)
-        self._free_heap = np.flatnonzero(mapped & (self._owner == FREE)).tolist()
+    def _rebuild_heap(self, exclude=()) -> None:
+        """The heap from scratch: every free block of a mapped chunk, except ``exclude``."""
+        free = np.repeat(self._chunk_mapped, self.blocks_per_chunk) & (self._owner == FREE)
+        free[list(exclude)] = False
+        self._free_heap[:] = np.flatnonzero(free).tolist()
         heapq.heapify(self._free_heap)
 
     # ------------------------------------------------------------------ pool operations
@@ -236,24 +324,15 @@ class PagedArena:
             raise ValueError(f"{name} is not a pool of this arena")
 
     def _ids(self, block_ids, name: str = "block_ids") -> np.ndarray:
-        ids = np.asarray(block_ids)
-        if ids.dtype == object or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
-            raise TypeError(f"{name} must hold integers, got dtype {ids.dtype}")
-        ids = ids.astype(np.int64).reshape(-1)
-        if ids.size:
-            if ids.min() < 0 or ids.max() >= self.capacity_blocks:
-                raise ValueError(f"{name} holds ids outside [0, {self.capacity_blocks})")
-            if np.unique(ids).size != ids.size:
-                raise ValueError(f"{name} repeats a block id")
-        return ids
+        return as_block_ids(block_ids, self.capacity_blocks, name)
 
+    @guarded
     def _owned_by(self, index: int) -> np.ndarray:
         return np.flatnonzero(self._owner == index).astype(np.int64)
 
+    @guarded
     def _resize(self, pool: Pool, target_blocks: int) -> None:
-        if isinstance(target_blocks, bool) or not isinstance(target_blocks, (int, np.integer)):
-            raise TypeError(f"target_blocks must be an int, got {type(target_blocks).__name__}")
-        target = int(target_blocks)
+        target = as_int(target_blocks, "target_blocks", minimum=0)
         if target < pool.num_owned:
             raise ValueError(f"target_blocks={target} is below the {pool.num_owned} blocks "
                              f"pool {pool.name!r} holds")
@@ -270,6 +349,7 @@ class PagedArena:
         self._leased = new_leased
         pool.lease = target
 
+    @guarded
     def _allocate(self, pool: Pool, n: int) -> np.ndarray:
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
             raise ValueError(f"n must be a non-negative int, got {n!r}")
@@ -277,24 +357,31 @@ class PagedArena:
         if pool.num_owned + n > pool.lease:
             raise LeaseExceeded(f"pool {pool.name!r}: allocating {n} blocks would hold "
                                 f"{pool.num_owned + n}, above its lease of {pool.lease}")
-        out = np.empty(n, dtype=np.int64)
+        # Two phases: pick the blocks, then claim them all at once, so that an error part-way
+        # (even an interrupt) claims nothing.
         bpc, heap, owner, mapped = self.blocks_per_chunk, self._free_heap, self._owner, self._chunk_mapped
-        got = 0
-        while got < n:
-            if not heap:  # cannot happen while leases <= mapped; rebuild to be sure
-                self._rebuild_heap()
-                if not heap:
-                    raise ArenaError("no free mapped block although the lease allows one")
-                continue
-            b = heapq.heappop(heap)
-            if owner[b] == FREE and mapped[b // bpc]:
-                owner[b] = pool.index
-                out[got] = b
-                got += 1
+        picked: list[int] = []
+        try:
+            while len(picked) < n:
+                if not heap:  # cannot happen while leases <= mapped; rebuild to be sure
+                    self._rebuild_heap(exclude=picked)
+                    if not heap:
+                        raise ArenaError("no free mapped block although the lease allows one")
+                    continue
+                b = heapq.heappop(heap)
+                if owner[b] == FREE and mapped[b // bpc] and (not picked or b != picked[-1]):
+                    picked.append(b)
+        except BaseException:
+            for b in picked:
+                heapq.heappush(heap, b)
+            raise
+        out = np.array(picked, dtype=np.int64)
+        owner[out] = pool.index
         pool.num_owned += n
         self._used += n
         return out
 
+    @guarded
     def _free(self, pool: Pool, block_ids) -> None:
         ids = self._ids(block_ids)
         if ids.size == 0:
@@ -310,6 +397,7 @@ class PagedArena:
         for b in ids.tolist():
             heapq.heappush(self._free_heap, b)
 
+    @guarded
     def _transfer(self, pool: Pool, block_ids, other: Pool) -> None:
         self._check_pool(other, "other")
         ids = self._ids(block_ids)
@@ -327,6 +415,7 @@ class PagedArena:
         other.lease += n
 
     # ------------------------------------------------------------------ compaction
+    @guarded
     def plan_shrink(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The moves and unmaps :meth:`shrink` would make, without making them.
 
@@ -350,6 +439,7 @@ class PagedArena:
         assert dst.size == src.size, "leases cover the live blocks, so room must exist"
         return src.astype(np.int64), dst.astype(np.int64), drop
 
+    @guarded
     def shrink(self) -> tuple[np.ndarray, np.ndarray]:
         """Compact on the device and unmap every chunk the leases no longer need.
 
@@ -357,42 +447,75 @@ class PagedArena:
         copies them and rewrites the device block table in the same launch; the host mirror
         and pool ownership follow). Returns the moves as int64 arrays: block ``src[k]`` now
         lives at ``dst[k]``. Lower leases first (``Pool.resize``) to give memory back.
+
+        It moves blocks of every pool: block ids held outside the block tables are stale
+        afterwards (apply the returned moves, or re-read ``Pool.owned()``/``tables.blocks()``).
+        With several threads, hold :attr:`lock` from ``allocate`` until the ids are in a table.
+        All or nothing if the compaction kernel fails (tables restored, nothing moved); if the
+        device then fails to unmap, the moves stand, the books record exactly the chunks that
+        went, and the exception carries ``moves = (src, dst)``.
         """
         src, dst, drop = self.plan_shrink()
         if src.size:
-            t0 = time.perf_counter()
-            table = self.tables.device_table
-            self._compact(self.blocks, torch.from_numpy(src).to(self.device),
-                          torch.from_numpy(dst).to(self.device), table)
-            self.tables.remap_host(src, dst, self.capacity_blocks)
-            self._owner[dst] = self._owner[src]
-            self._owner[src] = FREE
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)  # honest timing; unmap would wait anyway
-            self._counters["time_compact_s"] += time.perf_counter() - t0
-            self._counters["moves"] += int(src.size)
-            self._counters["bytes_moved"] += int(src.size) * self.spec.block_bytes
+            self._compact_moves(src, dst)
         if drop.size:
-            self._unmap_chunks(drop)
+            try:
+                self._unmap_chunks(drop)
+            except BaseException as exc:
+                # The moves stand (ownership and tables already follow them); say so.
+                self._rebuild_heap()
+                exc.moves = (src, dst)
+                raise
         if drop.size or src.size:
             self._rebuild_heap()
         self._counters["shrinks"] += 1
         return src, dst
 
+    def _compact_moves(self, src: np.ndarray, dst: np.ndarray) -> None:
+        """Run the compaction kernel for ``src -> dst``, then move ownership and the host
+        mirror. All or nothing: if the kernel fails (even after rewriting the block table),
+        the tables are put back; block contents need no undo, since ``src`` is only read and
+        ``dst`` blocks were free."""
+        t0 = time.perf_counter()
+        table = self.tables.device_table
+        saved = self.tables.snapshot()
+        try:
+            self._compact(self._blocks, torch.from_numpy(src).to(self.device),
+                          torch.from_numpy(dst).to(self.device), table)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # errors surface here; honest timing
+        except BaseException:
+            self.tables.restore(saved)
+            raise
+        self.tables.remap_host(src, dst, self.capacity_blocks)
+        self._owner[dst] = self._owner[src]
+        self._owner[src] = FREE
+        self._counters["time_compact_s"] += time.perf_counter() - t0
+        self._counters["moves"] += int(src.size)
+        self._counters["bytes_moved"] += int(src.size) * self.spec.block_bytes
+
+    @guarded
     def release_free_chunks(self) -> int:
         """Unmap chunks that hold no owned block, highest first, without moving anything,
-        while the mapped blocks still cover the leases. Returns how many were unmapped."""
+        while the mapped blocks still cover the leases. Returns how many were unmapped.
+
+        Chunk 0 stays mapped while any other chunk is: every kernel's base pointer
+        (``kv_cache(layer)``, ``blocks``) lies in it, and Triton's launcher refuses a pointer
+        that no device memory maps."""
         bpc = self.blocks_per_chunk
         spare = (self.mapped_blocks - self._leased) // bpc
         if spare <= 0:
             return 0
         empty = self._chunk_mapped & ~(self._owner != FREE).reshape(self.num_chunks, bpc).any(axis=1)
         chunks = np.flatnonzero(empty)[::-1][:spare]
+        if chunks.size and chunks[-1] == 0 and chunks.size < self.mapped_chunks:
+            chunks = chunks[:-1]
         if chunks.size:
             self._unmap_chunks(np.sort(chunks))
         return int(chunks.size)
 
     # ------------------------------------------------------------------ swap
+    @guarded
     def swap_out(self, block_ids) -> torch.Tensor:
         """A host copy of those blocks, ``[n, *spec.block_shape]`` in ``spec.dtype``
         (pinned memory on CUDA). The blocks stay owned: free them after."""
@@ -400,13 +523,14 @@ class PagedArena:
         if ids.size and (self._owner[ids] == FREE).any():
             raise ArenaError("block_ids must all be owned blocks")
         index = torch.from_numpy(ids).to(self.device)
-        data = self.blocks.index_select(0, index)
+        data = self._blocks.index_select(0, index)
         if self.device.type == "cpu":
             return data
         host = torch.empty(data.shape, dtype=data.dtype, pin_memory=True)
         host.copy_(data)
         return host
 
+    @guarded
     def swap_in(self, data: torch.Tensor, block_ids) -> None:
         """Write a :meth:`swap_out` copy ``[n, *spec.block_shape]`` into owned ``block_ids``."""
         ids = self._ids(block_ids)
@@ -418,10 +542,19 @@ class PagedArena:
         if ids.size and (self._owner[ids] == FREE).any():
             raise ArenaError("block_ids must all be owned blocks")
         index = torch.from_numpy(ids).to(self.device)
-        self.blocks.index_copy_(0, index, data.to(self.device, non_blocking=True))
+        self._blocks.index_copy_(0, index, data.to(self.device, non_blocking=True))
 
     def close(self) -> None:
-        """Unmap everything and release the reservation. The arena is unusable after."""
-        self.blocks = None
-        self.tables = None
-        self._mem.close()
+        """Unmap every chunk and mark the arena closed; idempotent.
+
+        After this every method of the arena, its pools and its tables raises
+        ``ArenaError("arena is closed")``. Views handed out before (``kv_cache()``,
+        ``blocks``) keep the virtual range reserved until they are collected, so they never
+        alias other memory: on the host they read zeros; on CUDA they must not be used (a
+        kernel over them faults), so drop them before closing."""
+        with self._guard.lock:
+            if self._guard.closed:
+                return
+            self._guard.closed = True
+            self._blocks = None
+            self._mem.close()

@@ -2,7 +2,10 @@
 
 A pool holds at most ``lease`` blocks. Its lease is backed by mapped memory (the arena keeps
 ``sum of leases <= mapped blocks``), so :meth:`allocate` never maps and never fails for lack
-of memory, only for lack of lease. All state lives in the arena; a pool is a handle.
+of memory, only for lack of lease. All state lives in the arena; a pool is a handle, and
+every method runs under the arena's lock (thread-safe; ``ArenaError("arena is closed")``
+after :meth:`PagedArena.close`). ``lease`` and ``num_owned`` are plain attributes: read
+them under ``arena.lock`` when other threads may change them.
 """
 from __future__ import annotations
 

@@ -40,3 +40,25 @@ def assert_same(a: dict, b: dict) -> None:
     np.testing.assert_array_equal(a["chunks"], b["chunks"])
     np.testing.assert_array_equal(a["tables"], b["tables"])
     assert a["pools"] == b["pools"]
+
+
+def check_invariants(arena: PagedArena) -> None:
+    """The arena's bookkeeping agrees with itself (see the module docstring of
+    arena.paged_arena): ownership counts, leases, mapping, and the chunk-0 rule."""
+    with arena.lock:
+        owner = arena._owner
+        pools = arena.pools
+        for p in pools.values():
+            n = int((owner == p.index).sum())
+            assert n == p.num_owned >= 0, (p, n)
+            assert p.num_owned <= p.lease, p
+        assert arena.used_blocks == int((owner != -1).sum())
+        assert arena.leased_blocks == sum(p.lease for p in pools.values()) <= arena.mapped_blocks
+        mapped = arena._chunk_mapped
+        assert arena.mapped_bytes == int(mapped.sum()) * arena.chunk_bytes
+        assert arena.backend.mapped_bytes == arena.mapped_bytes
+        live_chunks = np.unique(np.flatnonzero(owner != -1) // arena.blocks_per_chunk)
+        assert mapped[live_chunks].all(), "an owned block lies in an unmapped chunk"
+        assert mapped[0] or not mapped.any(), "chunk 0 unmapped while other chunks are mapped"
+        for c in range(arena.num_chunks):
+            assert arena.backend.is_mapped(c * arena.chunk_bytes) == bool(mapped[c])

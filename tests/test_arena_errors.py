@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from arena import ArenaError, ArenaOutOfMemory, HostMemory, LeaseExceeded, PagedArena
-from tests.arena_helpers import PAGE, assert_same, snapshot, tiny_arena, tiny_spec
+from tests.arena_helpers import (PAGE, assert_same, check_invariants, snapshot, tiny_arena,
+                                 tiny_spec)
 
 
 @pytest.fixture
@@ -150,9 +151,9 @@ def test_block_table_misuse(arena):
     t = arena.tables
     check_unchanged(arena, lambda: t.add(1), ValueError, "seq_id 1 already")
     check_unchanged(arena, lambda: t.append(2, [0]), KeyError, "seq_id 2 has no block table")
-    check_unchanged(arena, lambda: t.append(1, [-3]), ValueError, "block_ids must be block ids")
+    check_unchanged(arena, lambda: t.append(1, [-3]), ValueError, "block_ids holds ids outside")
     check_unchanged(arena, lambda: t.append(1, [arena.capacity_blocks]), ValueError,
-                    r"block_ids must be block ids in \[0, 128\)")
+                    r"block_ids holds ids outside \[0, 128\)")
     check_unchanged(arena, lambda: t.append(1, [1.9]), TypeError, "block_ids must hold integers")
     check_unchanged(arena, lambda: t.truncate(1, 4), ValueError, "num_blocks must be in")
     width = t.max_blocks_per_seq
@@ -193,4 +194,190 @@ def test_bad_arena_arguments():
         a.kv_cache(1)
     with pytest.raises(ValueError, match="name"):
         a.pool("")
+    a.close()
+
+
+# ---------------------------------------------------------------- atomicity (issue 11 §4)
+def _populated(**kw):
+    """Live blocks above a hole, in a sequence, leases lowered: the next shrink moves."""
+    a = tiny_arena(chunks=4, **kw)
+    p = a.pool("p")
+    p.resize(48)
+    ids = p.allocate(48)
+    a.blocks[torch.from_numpy(ids)] = torch.arange(48.).view(48, 1, 1, 1, 1, 1)
+    a.tables.add(7)
+    a.tables.append(7, ids[40:])
+    p.free(ids[:40])
+    p.resize(8)
+    return a
+
+
+class CompactThenFail:
+    """Does the whole compaction (copies and table rewrite), then fails as a late device
+    error would."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, blocks, src, dst, table):
+        from kernels.reference import compact_blocks_ref
+        self.calls += 1
+        compact_blocks_ref(blocks, src, dst, table)
+        raise RuntimeError("injected compaction failure")
+
+
+@pytest.mark.parametrize("separate_mirror", [False, True])
+def test_shrink_is_all_or_nothing_when_compaction_fails_after_the_table_rewrite(
+        separate_mirror):
+    from arena import BlockTables
+    fail = CompactThenFail()
+    a = _populated(compact_fn=fail)
+    if separate_mirror:
+        old = a.tables
+        a.tables = BlockTables(old.max_seqs, old.max_blocks_per_seq, a.device,
+                               num_blocks=a.capacity_blocks, separate_mirror=True, guard=a._guard)
+        a.tables.add(7)
+        a.tables.append(7, old.blocks(7))
+    before = snapshot(a)
+    device_before = a.tables.device_table.clone()
+    live = a.pool("p").owned()
+    content = a.blocks[torch.from_numpy(live)].clone()
+    with pytest.raises(RuntimeError, match="injected"):
+        a.shrink()
+    assert fail.calls == 1
+    assert_same(before, snapshot(a))
+    assert torch.equal(a.tables.device_table, device_before)
+    assert torch.equal(a.blocks[torch.from_numpy(live)], content)
+    check_invariants(a)
+    a._compact = compact_blocks_ref_fn()  # the same arena shrinks fine afterwards
+    src, dst = a.shrink()
+    assert src.size == 8 and a.mapped_chunks == 1
+    assert torch.equal(a.blocks[torch.from_numpy(a.tables.blocks(7))], content)
+    a.close()
+
+
+def compact_blocks_ref_fn():
+    from kernels.reference import compact_blocks_ref
+    return compact_blocks_ref
+
+
+class UnmapFailsOnce(HostMemory):
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.fail_at = None
+
+    def _unmap_chunk(self, offset, nbytes, payload):
+        if offset == self.fail_at:
+            self.fail_at = None
+            raise RuntimeError("injected unmap failure")
+        super()._unmap_chunk(offset, nbytes, payload)
+
+
+def test_shrink_whose_unmap_fails_keeps_consistent_books_and_reports_the_moves():
+    backend = UnmapFailsOnce(4 * PAGE, granularity=PAGE)
+    a = PagedArena(tiny_spec(), 4 * PAGE, backend=backend, compact_fn=compact_blocks_ref_fn())
+    p = a.pool("p")
+    p.resize(48)
+    ids = p.allocate(48)
+    p.free(ids[:40])
+    p.resize(8)
+    backend.fail_at = 2 * PAGE  # chunk 1 unmaps, chunk 2 fails
+    with pytest.raises(RuntimeError, match="injected") as info:
+        a.shrink()
+    src, dst = info.value.moves
+    assert src.tolist() == list(range(40, 48)) and dst.tolist() == list(range(8))
+    check_invariants(a)
+    assert a.mapped_chunks == 2 and p.owned().tolist() == list(range(8))
+    assert a.shrink()[0].size == 0 and a.mapped_chunks == 1  # the retry finishes the job
+    check_invariants(a)
+    a.close()
+
+
+def test_allocate_that_fails_part_way_claims_nothing(monkeypatch):
+    a = tiny_arena(chunks=2)
+    p = a.pool("p")
+    p.resize(16)
+    p.allocate(10)
+    # An impossible state (the free-block heap lost blocks), to reach the error path after
+    # some blocks were already picked.
+    a._free_heap[:] = [10, 11]
+    monkeypatch.setattr(a, "_rebuild_heap", lambda exclude=(): None)
+    before = snapshot(a)
+    with pytest.raises(ArenaError, match="no free mapped block"):
+        p.allocate(6)
+    assert_same(before, snapshot(a))
+    monkeypatch.undo()
+    assert p.allocate(2).tolist() == [10, 11]  # the picked blocks went back to the heap
+    check_invariants(a)
+    a.close()
+
+
+# ---------------------------------------------------------------- chunk 0 (issue 8 §2)
+def test_release_free_chunks_keeps_chunk_0_while_other_chunks_are_mapped():
+    a = tiny_arena(chunks=4)
+    p = a.pool("p")
+    p.resize(48)
+    ids = p.allocate(48)
+    p.free(ids[:32])  # chunks 0 and 1 empty, chunk 2 live
+    p.resize(16)
+    assert a.release_free_chunks() == 1  # chunk 1 only
+    assert a._chunk_mapped.tolist() == [True, False, True, False]
+    base = a.kv_cache(0).data_ptr() - a.backend.tensor().data_ptr()
+    assert a.backend.is_mapped(base // a.chunk_bytes * a.chunk_bytes)
+    p.free(p.owned())
+    p.resize(0)
+    assert a.release_free_chunks() == 2 and a.mapped_bytes == 0  # nothing else: 0 goes too
+    check_invariants(a)
+    a.close()
+
+
+# ---------------------------------------------------------------- argument checks (§7, §5)
+@pytest.mark.parametrize("kw, exc, match", [
+    (dict(granularity=0), ValueError, "granularity"),
+    (dict(granularity=1.5), TypeError, "granularity"),
+    (dict(granularity=PAGE, max_seqs=2.5), TypeError, "max_seqs"),
+    (dict(granularity=PAGE, max_seqs=0), ValueError, "max_seqs"),
+    (dict(granularity=PAGE, chunk_bytes=float(2 * PAGE)), TypeError, "chunk_bytes"),
+    (dict(granularity=PAGE, max_model_len=0), ValueError, "max_model_len"),
+    (dict(granularity=PAGE, max_model_len=10.0), TypeError, "max_model_len"),
+    (dict(granularity=PAGE, max_blocks_per_seq=2.0), TypeError, "max_blocks_per_seq"),
+    (dict(granularity=PAGE, max_model_len=64, max_blocks_per_seq=4), ValueError, "not both"),
+    (dict(granularity=PAGE, device_limit_bytes=-1), ValueError, "device_limit_bytes"),
+    (dict(device="meta"), ValueError, "device must be 'cpu' or a CUDA device"),
+    (dict(device="nonsense"), ValueError, "device must be 'cpu' or a CUDA device"),
+    (dict(backend="host"), TypeError, "backend must be a DeviceMemory"),
+])
+def test_bad_arguments_name_themselves(kw, exc, match):
+    kw = {"device": "cpu", **kw}
+    with pytest.raises(exc, match=match):
+        PagedArena(tiny_spec(), 8 * PAGE, kw.pop("device"), **kw)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
+def test_cuda_device_without_cuda_is_a_clear_error():
+    with pytest.raises(ValueError, match="device='cuda' but no CUDA device is available"):
+        PagedArena(tiny_spec(), 8 * PAGE, "cuda")
+
+
+def test_truncate_needs_an_int(arena):
+    check_unchanged(arena, lambda: arena.tables.truncate(1, 1.5), TypeError,
+                    "num_blocks must be an int")
+
+
+def test_table_width_comes_from_max_model_len():
+    spec = tiny_spec()  # 4 tokens per block
+    a = PagedArena(spec, 1 << 30, "cpu")  # 4 Mi blocks: a table as wide would be 64 MiB
+    assert a.tables.max_blocks_per_seq == 32768 // 4
+    a.close()
+    a = tiny_arena(chunks=64, max_model_len=50)
+    assert a.tables.max_blocks_per_seq == 13
+    a.tables.add(0)
+    with pytest.raises(ValueError, match="above max_blocks_per_seq=13 .*max_model_len"):
+        a.tables.append(0, np.arange(14))
+    a.close()
+    a = tiny_arena(chunks=1, max_blocks_per_seq=5)  # explicit width still works
+    assert a.tables.max_blocks_per_seq == 5
+    a.close()
+    a = tiny_arena(chunks=1)  # never wider than the arena: 16 blocks
+    assert a.tables.max_blocks_per_seq == 16
     a.close()

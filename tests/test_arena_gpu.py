@@ -15,8 +15,10 @@ SPEC = KVSpec(num_layers=4, num_kv_heads=8, head_dim=128, block_size=16, dtype=t
 @pytest.fixture
 def arena():
     a = PagedArena(SPEC, 4 << 30, "cuda")
-    yield a
-    a.close()
+    try:
+        yield a
+    finally:
+        a.close()
 
 
 def test_vmm_map_write_read_unmap(arena):
@@ -87,7 +89,42 @@ def test_compact_kernel_matches_reference_on_gpu():
 
 def test_out_of_memory_leaves_nothing_mapped():
     a = PagedArena(SPEC, 4 << 30, "cuda", device_limit_bytes=64 << 20)
-    with pytest.raises(ArenaOutOfMemory):
-        a.pool("x").resize(8 * 64)  # 128 MiB > 64 MiB limit
-    assert a.mapped_bytes == 0 and a.pool("x").lease == 0
-    a.close()
+    try:
+        with pytest.raises(ArenaOutOfMemory):
+            a.pool("x").resize(8 * 64)  # 128 MiB > 64 MiB limit
+        assert a.mapped_bytes == 0 and a.pool("x").lease == 0
+    finally:
+        a.close()
+
+
+def test_kernel_launch_after_on_demand_release_keeps_chunk_0(arena):
+    """Triton checks every pointer argument with cuPointerGetAttribute: the layer view's base
+    lies in chunk 0, which must stay mapped while higher chunks hold live blocks."""
+    p = arena.pool("decode")
+    bpc = arena.blocks_per_chunk
+    p.resize(3 * bpc)
+    ids = p.allocate(3 * bpc)
+    p.free(ids[:2 * bpc])
+    p.resize(bpc)
+    assert arena.release_free_chunks() == 1 and arena.mapped_chunks == 2
+    kv = arena.kv_cache(0)
+    key = torch.randn(1, SPEC.num_kv_heads, SPEC.head_dim, device="cuda").half()
+    slot = torch.tensor([int(ids[-1]) * SPEC.block_size], device="cuda")
+    kernels.write_kv(kv, key, key, slot)
+    torch.cuda.synchronize()
+    assert torch.equal(kv[int(ids[-1]), 0, 0], key[0])
+
+
+def test_an_unclosed_arena_gives_its_memory_back_when_collected():
+    import gc
+    import weakref
+    a = PagedArena(SPEC, 1 << 30, "cuda")
+    a.pool("x").resize(8 * 64)  # 128 MiB
+    torch.cuda.synchronize()
+    free_before, _ = torch.cuda.mem_get_info()
+    gone = weakref.ref(a.backend)
+    del a
+    gc.collect()
+    assert gone() is None
+    free_after, _ = torch.cuda.mem_get_info()
+    assert free_after - free_before >= 120 << 20

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from arena import ArenaOutOfMemory, BlockTables
-from tests.arena_helpers import PAGE, tiny_arena
+from tests.arena_helpers import PAGE, check_invariants, tiny_arena
 
 POOLS = ("prefill", "decode")
 MOVES: list[int] = []  # blocks moved per example, to check the test exercises compaction
@@ -25,7 +25,7 @@ class ArenaMachine(RuleBasedStateMachine):
             # rewrite it in the kernel and the host mirror by the same remap.
             a = self.arena
             a.tables = BlockTables(16, a.capacity_blocks, a.device, num_blocks=a.capacity_blocks,
-                                   separate_mirror=True)
+                                   separate_mirror=True, guard=a._guard)
         self.bpc = self.arena.blocks_per_chunk
         self.model = {p: {} for p in POOLS}  # pool -> {block id: content tag}
         self.lease = {p: 0 for p in POOLS}
@@ -184,6 +184,10 @@ class ArenaMachine(RuleBasedStateMachine):
         assert all(a._chunk_mapped[b // self.bpc] for b in live)
         if a.backend.limit_bytes is not None:
             assert a.mapped_bytes <= a.backend.limit_bytes
+
+    @invariant()
+    def bookkeeping_consistent(self):
+        check_invariants(self.arena)  # includes: chunk 0 is mapped whenever any chunk is
 
     @invariant()
     def tables_follow_moves(self):
