@@ -39,7 +39,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from bench import report
+from bench import cli_checks, report
 from bench.traces import Trace, load_trace
 
 GIB = 1 << 30
@@ -403,6 +403,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="replay at most this many requests (after --time-slice)")
     p.add_argument("--max-tokens", type=int, default=2048,
                    help="max_tokens of every request (the bound the max_tokens predictor uses)")
+    p.add_argument("--max-model-len", type=int, default=cli_checks.DEFAULT_MAX_MODEL_LEN,
+                   help="longest request in tokens (prompt + max_tokens); longer trace rows "
+                        "are dropped before the replay, counted and reported")
     p.add_argument("--token-budget", type=int, default=2048, help="tokens per model step")
     p.add_argument("--max-running", type=int, default=256, help="sequences running at once")
     p.add_argument("--preemption", default="auto", choices=("auto", "swap", "recompute"))
@@ -504,6 +507,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
+        cli_checks.check_replay_numbers(
+            device_memory_gib=args.device_memory_gib,
+            activation_reserve_gib=args.activation_reserve_gib,
+            memory_utilization=args.memory_utilization, block_size=args.block_size,
+            max_tokens=args.max_tokens, token_budget=args.token_budget,
+            max_running=args.max_running, max_model_len=args.max_model_len,
+            arrival_reserve_s=args.arrival_reserve_s, shrink_min_blocks=args.shrink_min_blocks)
+        out = cli_checks.check_out_dir(args.out)
         policies = policies_from_args(args.policy, args.predictor)
         trace = load_trace(args.trace)
         if args.time_slice:
@@ -512,6 +523,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.max_requests < 1:
                 raise ValueError(f"--max-requests must be >= 1, got {args.max_requests}")
             trace = trace.head(args.max_requests)
+        trace, dropped, longest = cli_checks.drop_over_max_model_len(
+            trace, args.max_model_len, args.max_tokens)
         setup = build_setup(model=args.model, device=args.device,
                             device_memory_gib=args.device_memory_gib,
                             activation_reserve_gib=args.activation_reserve_gib,
@@ -521,8 +534,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                             preemption=args.preemption, copy_kv_bytes=args.copy_kv_bytes)
     except (ValueError, TypeError) as exc:
         parser.error(str(exc))    # exits with status 2
-    out = Path(args.out)
     head = header_lines(setup, trace)
+    if dropped:
+        note = (f"dropped {dropped} requests longer than --max-model-len {args.max_model_len} "
+                f"(prompt + max_tokens; the longest needs {longest} tokens)")
+        head.append(note)
+        print(f"kv-replay: {note}", file=sys.stderr)
     planner = None
     knobs = {k: v for k, v in (("shrink_min_blocks", args.shrink_min_blocks),
                                 ("arrival_reserve_s", args.arrival_reserve_s)) if v is not None}
@@ -549,7 +566,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     doc = {
         "environment": environment(setup.arena_device),
         "command": "python -m bench.replay " + " ".join(sys.argv[1:] if argv is None else argv),
-        "trace": trace.describe(),
+        "trace": {**trace.describe(), "max_model_len": args.max_model_len,
+                  "dropped_over_max_model_len": dropped},
         # the windowed planner's effective knobs, defaults included, so a result never
         # depends on what the defaults are when it is read
         "setup": {**setup.describe(),
@@ -564,16 +582,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  for k, v in report.bucket_timeline(r, 400).items()}
                       for r in runs},
     }
-    report.write_json(out / "replay.json", doc)
     text = "\n".join(f"- {h}" for h in head) + "\n\n" + table + "\n"
     if targets:
         text += ("\nTargets (windowed:empirical against static):\n\n"
                  + report.targets_table(targets) + "\n")
-    (out / "table.md").write_text(text)
+    writers = {"replay.json": lambda p: report.write_json(p, doc),
+               "table.md": lambda p: p.write_text(text)}
     if not args.no_plot:
-        report.plot_memory(runs, out / "memory.png",
-                           title=f"{trace.name}: {setup.model.name} on {setup.device.name} - "
-                                 f"mapped (solid) and live (dashed) KV memory")
+        title = (f"{trace.name}: {setup.model.name} on {setup.device.name} - mapped (solid) "
+                 f"and live (dashed) KV memory")
+        writers["memory.png"] = lambda p: report.plot_memory(runs, p, title=title)
+    cli_checks.write_all_or_nothing(out, writers)  # a failed PNG leaves no half-written set
     print("\n".join(f"- {h}" for h in head))
     print()
     print(table)
