@@ -73,6 +73,8 @@ def environment(device: str | torch.device = "cuda") -> dict[str, Any]:
         "torch": torch.__version__,
         "host": platform.machine(),
     }
+    import numpy
+    info["numpy"] = numpy.__version__
     try:
         import triton
         info["triton"] = triton.__version__

@@ -40,6 +40,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from bench import cli_checks, report
+from bench.kernel_warmup import warm_up_compaction
 from bench.traces import Trace, load_trace
 
 GIB = 1 << 30
@@ -302,6 +303,8 @@ def run_policy(setup: ReplaySetup, trace: Trace, policy: str, *, progress: bool 
                        max_seqs=setup.max_running,
                        max_blocks_per_seq=spec.blocks_for(longest),
                        compact_fn=remap_tables_only if setup.copy_free_compaction else None)
+    # CUDA: compile the compaction kernel now, so JIT time is not charged to the first shrink.
+    warm_up_compaction(arena)
     ledger = _CostLedger(setup.cost_model())
     truth = LatencyModel.from_hardware(setup.model, setup.device)
     config = LoopConfig(memory=memory, predictor=pred or "max_tokens",

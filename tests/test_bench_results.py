@@ -103,3 +103,56 @@ def test_prefill_failing_row_is_recorded(tmp_path, monkeypatch):
 def test_compaction_cases_include_few_moves(gpu):
     moves = [m for _, m in bench_arena.compaction_cases(gpu)]
     assert 1 in moves and max(moves) >= 8
+
+
+# ------------------------------------------------------------------ kernel warm-up
+@pytest.mark.parametrize("n, small, want", [(1, 32, 1), (4096, 32, 32), (48, 16, 16),
+                                            (4097, 32, 33), (7, 16, 17), (2, 2, 3)])
+def test_warm_up_sizes_keep_the_specialisation_class(n, small, want):
+    from bench.kernel_warmup import same_class
+
+    got = same_class(n, small)
+    assert got == want
+    assert (got == 1) == (n == 1) and (got % 16 == 0) == (n % 16 == 0)
+
+
+def test_warm_up_does_nothing_on_the_host_backend():
+    from arena import KVSpec, PagedArena
+    from bench.kernel_warmup import warm_up_compaction
+
+    arena = PagedArena(KVSpec(2, 2, 16, 16, torch.float16), 4 << 20, "cpu")
+    try:
+        assert warm_up_compaction(arena) == 0.0
+        assert arena.mapped_bytes == 0
+    finally:
+        arena.close()
+
+
+@pytest.mark.gpu
+def test_warm_up_leaves_nothing_to_compile_for_shrinks():
+    """After the warm-up, shrinks with 1, few and 16*k moves launch no new compile."""
+    import kernels.compact as kc
+    from arena import KVSpec, PagedArena
+    from bench.kernel_warmup import warm_up_compaction
+
+    spec = KVSpec(2, 2, 64, 16, torch.float16)
+    arena = PagedArena(spec, 64 << 20, "cuda", max_seqs=8, max_blocks_per_seq=64)
+    try:
+        warm_up_compaction(arena)
+        dev = torch.cuda.current_device()
+        compiled = len(kc._compact_kernel.device_caches[dev][0])
+        pool = arena.pool("p")
+        bpc = arena.blocks_per_chunk
+        for moves in (1, 5, 16):
+            pool.resize(2 * bpc)
+            ids = pool.allocate(bpc + moves)      # the lowest blocks: chunk 0 and a few above
+            pool.free(ids[:bpc])                  # empty chunk 0: a shrink moves `moves` down
+            pool.resize(moves)
+            src, _ = arena.shrink()
+            assert len(src) == moves
+            pool.free(pool.owned())
+            pool.resize(0)
+            arena.shrink()
+        assert len(kc._compact_kernel.device_caches[dev][0]) == compiled
+    finally:
+        arena.close()
