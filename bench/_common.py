@@ -9,6 +9,7 @@ folder that comes back), else ``bench/results/``.
 """
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import math
@@ -27,6 +28,17 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 #: Distribution names whose versions every result records (absent ones say so).
 VERSIONED = ("torch", "triton", "numpy", "cupy-cuda13x", "cupy-cuda12x", "cuda-bindings",
              "cuda-python")
+
+
+def bench_parser(description: str) -> argparse.ArgumentParser:
+    """An argument parser with the options every kernel benchmark takes: ``--out`` (results
+    folder) and ``--tiny`` (a CPU dry run through Triton's interpreter)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--tiny", action="store_true", help="the smallest case on CPU through "
+                   "Triton's interpreter: a dry run of the plumbing, numbers meaningless")
+    p.add_argument("--out", default=None, help="results folder (default: $OUT when set, "
+                   "else bench/results)")
+    return p
 
 
 def results_dir(out_dir: str | os.PathLike | None = None) -> Path:

@@ -26,14 +26,13 @@ skipped and recorded as such. ``--tiny`` is a CPU dry run (Triton's interpreter)
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 
 import torch
 
 import kernels
-from bench._common import ResultFile, copy_bandwidth, error_row, time_kernel
+from bench._common import ResultFile, bench_parser, copy_bandwidth, error_row, time_kernel
 
 BATCHES = (1, 8, 32, 128)
 CONTEXTS = (512, 2048, 8192, 32768)
@@ -156,12 +155,11 @@ def _head(batch: int, context: int, dtype: torch.dtype) -> dict:
                 block_size=BLOCK_SIZE)
 
 
-def measure(batch: int, context: int, dtype: torch.dtype) -> dict:
-    """One shape's figures against SDPA (see the module docstring), as a JSON-ready dict.
-
-    ``seconds`` is the kernel's time from CUDA-graph replays; ``ours`` holds the eager and
-    host-launch figures too (:func:`bench._common.time_kernel`). SDPA is timed the same way.
-    """
+def _compare(batch: int, context: int, dtype: torch.dtype, name: str, make_baseline) -> dict:
+    """Our kernel and a baseline (``make_baseline(inputs)`` returns a no-argument call) on
+    one shape, both timed with :func:`bench._common.time_kernel`; the row names the
+    baseline's figures ``<name>``, ``<name>_seconds``, ``time_ratio_vs_<name>`` (graph
+    replays), ``eager_time_ratio_vs_<name>`` and ``max_abs_diff_vs_<name>``."""
     row = _head(batch, context, dtype)
     if not _fits(batch, context, dtype):
         row["skipped"] = "does not fit in free device memory"
@@ -171,55 +169,44 @@ def measure(batch: int, context: int, dtype: torch.dtype) -> dict:
     step = lambda: kernels.paged_decode_attention(**inp, out=out)  # noqa: E731
     step()  # compile outside the timing
     ours = time_kernel(step)
-    nbytes = kv_bytes(batch, context, dtype)
-    row.update(seconds=ours["kernel_s"], ours=ours, kv_bytes=nbytes,
-               kv_bytes_per_s=nbytes / ours["kernel_s"])
+    row.update(seconds=ours["kernel_s"], ours=ours)
     try:
-        fn = sdpa_fn(inp)
+        fn = make_baseline(inp)
         ref = fn().squeeze(2)
-        row["max_abs_diff_vs_sdpa"] = float((ref.float() - out.float()).abs().max())
-        sdpa = time_kernel(fn)
-        row.update(sdpa=sdpa, sdpa_seconds=sdpa["kernel_s"],
-                   time_ratio_vs_sdpa=ours["kernel_s"] / sdpa["kernel_s"],
-                   eager_time_ratio_vs_sdpa=ours["eager_s"] / sdpa["eager_s"])
+        row[f"max_abs_diff_vs_{name}"] = float((ref.float() - out.float()).abs().max())
+        base = time_kernel(fn)
+        row.update({name: base, f"{name}_seconds": base["kernel_s"],
+                    f"time_ratio_vs_{name}": ours["kernel_s"] / base["kernel_s"],
+                    f"eager_time_ratio_vs_{name}": ours["eager_s"] / base["eager_s"]})
         del fn, ref
     except Exception as e:  # noqa: BLE001 - any failure is data for the table
-        row["time_ratio_vs_sdpa"] = f"unavailable: {type(e).__name__}: {str(e)[:200]}"
+        row[f"time_ratio_vs_{name}"] = f"unavailable: {type(e).__name__}: {str(e)[:200]}"
     del inp, out
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return row
 
 
+def measure(batch: int, context: int, dtype: torch.dtype) -> dict:
+    """One shape's figures against SDPA (see the module docstring), as a JSON-ready dict.
+
+    ``seconds`` is the kernel's time from CUDA-graph replays; ``ours`` holds the eager and
+    host-launch figures too (:func:`bench._common.time_kernel`). SDPA is timed the same way.
+    """
+    row = _compare(batch, context, dtype, "sdpa", sdpa_fn)
+    if "seconds" in row:
+        nbytes = kv_bytes(batch, context, dtype)
+        row.update(kv_bytes=nbytes, kv_bytes_per_s=nbytes / row["seconds"])
+    return row
+
+
 def measure_flex(batch: int, context: int, dtype: torch.dtype) -> dict:
     """Our kernel against compiled FlexAttention over the same paged cache, both timed
     from CUDA-graph replays (the compile happens before, outside the timing)."""
-    row = _head(batch, context, dtype)
     if not torch.cuda.is_available():
-        row["skipped"] = "FlexAttention is compared on a GPU only (torch.compile)"
-        return row
-    if not _fits(batch, context, dtype):
-        row["skipped"] = "does not fit in free device memory"
-        return row
-    inp = make_inputs(batch, context, dtype)
-    out = torch.empty_like(inp["query"])
-    step = lambda: kernels.paged_decode_attention(**inp, out=out)  # noqa: E731
-    step()
-    ours = time_kernel(step)
-    row.update(seconds=ours["kernel_s"], ours=ours)
-    try:
-        fn = flex_fn(inp)
-        ref = fn().squeeze(2)
-        row["max_abs_diff_vs_flex"] = float((ref.float() - out.float()).abs().max())
-        flex = time_kernel(fn)
-        row.update(flex=flex, flex_seconds=flex["kernel_s"],
-                   time_ratio_vs_flex=ours["kernel_s"] / flex["kernel_s"],
-                   eager_time_ratio_vs_flex=ours["eager_s"] / flex["eager_s"])
-    except Exception as e:  # noqa: BLE001
-        row["time_ratio_vs_flex"] = f"unavailable: {type(e).__name__}: {str(e)[:200]}"
-    del inp, out
-    torch.cuda.empty_cache()
-    return row
+        return {**_head(batch, context, dtype),
+                "skipped": "FlexAttention is compared on a GPU only (torch.compile)"}
+    return _compare(batch, context, dtype, "flex", flex_fn)
 
 
 #: The few shapes compared with FlexAttention: each costs a torch.compile (tens of seconds).
@@ -304,14 +291,10 @@ def _line(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = bench_parser(__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a 2 x 2 corner of the grid")
     p.add_argument("--flex", action="store_true", help="only the FlexAttention comparison "
                    "(a few shapes; writes flex_attention.json)")
-    p.add_argument("--tiny", action="store_true", help="one tiny shape on CPU through "
-                   "Triton's interpreter: a dry run of the plumbing, numbers meaningless")
-    p.add_argument("--out", default=None, help="results folder (default: $OUT when set, "
-                   "else bench/results)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available() and not args.tiny:
         print("bench.bench_decode needs a CUDA device (the kernel's CPU path is Triton's "

@@ -27,14 +27,13 @@ on this device, without paging.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 
 import torch
 
 import kernels
-from bench._common import ResultFile, copy_bandwidth, error_row, time_kernel
+from bench._common import ResultFile, bench_parser, copy_bandwidth, error_row, time_kernel
 from kernels.prefill_attention import default_config
 
 PROMPT_LENS = (512, 2048, 8192)
@@ -179,12 +178,7 @@ def run(out_dir=None, *, tiny: bool = False) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tiny", action="store_true", help="one small case on CPU through "
-                   "Triton's interpreter: a dry run of the plumbing, numbers meaningless")
-    p.add_argument("--out", default=None, help="results folder (default: $OUT when set, "
-                   "else bench/results)")
-    args = p.parse_args(argv)
+    args = bench_parser(__doc__.splitlines()[0]).parse_args(argv)
     if not torch.cuda.is_available() and not args.tiny:
         print("bench_prefill: no CUDA device; this benchmark needs a GPU (nothing measured).")
         return 0

@@ -50,8 +50,11 @@ def warm_up_compaction(arena) -> float:
     for moves in (1, 2, 16):
         if 2 * moves > num_blocks:
             continue
-        ids = torch.arange(2 * moves, dtype=torch.int64, device=dev)
-        kernels.compact_blocks(blocks, ids[:moves], ids[moves:], table)
+        # Two allocations, not two halves of one: a slice's pointer may lose the 16-byte
+        # alignment the arena's freshly copied move lists have (another specialisation).
+        src = torch.arange(moves, dtype=torch.int64, device=dev)
+        dst = torch.arange(moves, 2 * moves, dtype=torch.int64, device=dev)
+        kernels.compact_blocks(blocks, src, dst, table)
     torch.cuda.synchronize(dev)
     del blocks, table
     return time.perf_counter() - t0

@@ -11,6 +11,9 @@ timed; the report gives count and seconds per step.
 
     python scripts/gpu_check_estimate.py            # prints a table and a JSON line
 
+A launch that fails to compile is listed as a compile error (it would fail on the GPU too)
+and not counted.
+
 Run it without TRITON_INTERPRET (it compiles real kernels). Not part of the test suite;
 its numbers are quoted in gpu_check.sh's header.
 """
@@ -56,6 +59,7 @@ class _FakeSm90Driver:
 
 
 COMPILES: dict[str, list[tuple[str, float]]] = defaultdict(list)
+ERRORS: dict[str, list[str]] = defaultdict(list)
 _STEP = ["?"]
 _SEEN: set = set()
 _orig_run = JITFunction.run
@@ -63,7 +67,11 @@ _orig_run = JITFunction.run
 
 def _counting_run(self, *args, grid, warmup, **kwargs):
     t0 = time.perf_counter()
-    kernel = _orig_run(self, *args, grid=grid, warmup=True, **kwargs)
+    try:
+        kernel = _orig_run(self, *args, grid=grid, warmup=True, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - a kernel that does not compile is reported
+        ERRORS[_STEP[0]].append(f"{self.fn.__name__}: {str(exc).strip().splitlines()[-1][:200]}")
+        return None
     dt = time.perf_counter() - t0
     key = (self.fn.__name__, kernel.hash if kernel is not None else None)
     if key not in _SEEN:
@@ -129,6 +137,37 @@ def arena_grid():
         cp.compact_blocks(blocks, src, torch.empty_like(src), table)
 
 
+def decode_gpu_tests():
+    """tests/test_decode_attention.py::test_decode_cuda: its cases, splits None, 1 and 7,
+    with the test's layouts (a layer view of a block-major buffer, head-major query)."""
+    import importlib.util
+
+    from kernels import decode_attention as da
+
+    spec = importlib.util.spec_from_file_location(
+        "tda", Path(__file__).resolve().parents[1] / "tests" / "test_decode_attention.py")
+    tda = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tda)
+    da._SM_COUNTS[0] = H200_SMS
+    da.use_triton = lambda *t: True
+    for head_dim, heads, kv_heads, bs, dtype, num_seqs, max_len in tda.GPU_CASES:
+        width = -(-max_len // bs) + 1
+        blocks = num_seqs * width + 3
+        buf = _meta((blocks, 2, 2, bs, kv_heads, head_dim), dtype)
+        cache = buf[:, 1]
+        q = _meta((heads, num_seqs, head_dim), dtype).transpose(0, 1)
+        table = _meta((num_seqs, width), torch.int32)
+        lens = _meta((num_seqs,), torch.int32)
+        group = heads // kv_heads
+        chunks = triton.cdiv(group, da._group_tile(group, max(16, triton.next_power_of_2(
+            head_dim)))[0])
+        auto = da.choose_num_splits(num_seqs, kv_heads * chunks, width * bs,
+                                    torch.device("cuda", 0))
+        for splits in (auto, 1, 7):
+            out = _meta((num_seqs, heads, head_dim), dtype)
+            da.launch_decode_attention(q, cache, table, lens, out, head_dim ** -0.5, splits)
+
+
 def main() -> int:
     from triton.runtime import driver as drv
 
@@ -136,7 +175,7 @@ def main() -> int:
     JITFunction.run = _counting_run
     report = {}
     for step, fn in (("bench_arena", arena_grid), ("bench_decode", decode_grid),
-                     ("bench_prefill", prefill_grid)):
+                     ("bench_prefill", prefill_grid), ("decode_gpu_tests", decode_gpu_tests)):
         _STEP[0] = step
         t0 = time.perf_counter()
         fn()
@@ -146,12 +185,15 @@ def main() -> int:
         for name, dt in rows:
             per_kernel[name].append(dt)
         report[step] = {"specialisations": len(rows), "wall_s": round(wall, 1),
+                        "compile_errors": sorted(set(ERRORS[step])),
                         "per_kernel": {k: {"count": len(v), "seconds": round(sum(v), 1),
                                            "max_s": round(max(v), 1)}
                                        for k, v in per_kernel.items()}}
         print(f"{step:14s} {len(rows):3d} new specialisations, {wall:6.1f} s  "
               + ", ".join(f"{k} x{len(v)} ({sum(v):.1f} s)" for k, v in per_kernel.items()),
               flush=True)
+        for err in sorted(set(ERRORS[step])):
+            print(f"    COMPILE ERROR {err}", flush=True)
     import platform
     report["host"] = {"cpu": platform.processor() or platform.machine(),
                       "triton": triton.__version__, "torch": torch.__version__}
