@@ -144,14 +144,17 @@ def host_call_seconds(fn: Callable[[], Any], calls: int = 20, trials: int = 5) -
     return statistics.median(per_call)
 
 
-def time_kernel(fn: Callable[[], Any], *, rep_ms: float = 100) -> dict[str, Any]:
+def time_kernel(fn: Callable[[], Any], *, rep_ms: float = 50,
+                graph_rep_ms: float = 20) -> dict[str, Any]:
     """Time ``fn`` three ways, as a JSON-ready dict (seconds per call):
 
-    - ``kernel_s``: median over CUDA-graph replays (``triton.testing.do_bench_cudagraph``),
+    - ``kernel_s``: median over CUDA-graph replays (``triton.testing.do_bench_cudagraph``
+      with ``graph_rep_ms``; each replay runs as many calls as fill that time),
       i.e. device time with launch gaps removed; when ``fn`` cannot be captured,
       ``graph_error`` says why and ``kernel_s`` falls back to ``eager_s``
       (``kernel_method`` says which it is);
-    - ``eager_s``: median of eager calls timed with CUDA events (launch gaps included);
+    - ``eager_s``: median of eager calls timed with CUDA events over ``rep_ms`` (launch
+      gaps included);
     - ``host_launch_s``: host wall time per call (:func:`host_call_seconds`).
 
     Without CUDA all three are the same host-clock median. ``fn`` must have run once
@@ -163,10 +166,11 @@ def time_kernel(fn: Callable[[], Any], *, rep_ms: float = 100) -> dict[str, Any]
         row.update(host_launch_s=row["eager_s"], kernel_s=row["eager_s"],
                    kernel_method="host clock (no CUDA device: interpreter or torch on CPU)")
         return row
-    row["host_launch_s"] = host_call_seconds(fn)
+    row["host_launch_s"] = host_call_seconds(fn, calls=10, trials=3)
     from triton.testing import do_bench_cudagraph
-    try:
-        row["kernel_s"] = do_bench_cudagraph(fn, rep=rep_ms, return_mode="median") * 1e-3
+    try:  # 10 replays of a graph holding ~graph_rep_ms of calls: ~10 x graph_rep_ms in all
+        row["kernel_s"] = do_bench_cudagraph(fn, rep=graph_rep_ms,
+                                             return_mode="median") * 1e-3
         row["kernel_method"] = "cuda graph replay (do_bench_cudagraph)"
     except Exception as exc:  # noqa: BLE001 - recorded, then the eager figure stands in
         torch.cuda.synchronize()
