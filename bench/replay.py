@@ -517,7 +517,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_tokens=args.max_tokens, token_budget=args.token_budget,
             max_running=args.max_running, max_model_len=args.max_model_len,
             arrival_reserve_s=args.arrival_reserve_s, shrink_min_blocks=args.shrink_min_blocks)
-        out = cli_checks.check_out_dir(args.out)
         policies = policies_from_args(args.policy, args.predictor)
         trace = load_trace(args.trace)
         if args.time_slice:
@@ -535,6 +534,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                             block_size=args.block_size, max_tokens=args.max_tokens,
                             token_budget=args.token_budget, max_running=args.max_running,
                             preemption=args.preemption, copy_kv_bytes=args.copy_kv_bytes)
+        # last, so a bad argument creates no folder; still before any compute
+        out = cli_checks.check_out_dir(args.out)
     except (ValueError, TypeError) as exc:
         parser.error(str(exc))    # exits with status 2
     head = header_lines(setup, trace)

@@ -196,3 +196,11 @@ def test_cli_subprocess_exit_status_and_single_line(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "--device-memory-gib" in proc.stderr.splitlines()[-1]
+
+
+def test_bad_trace_creates_no_out_folder(tmp_path, capsys, no_replay):
+    bad = tmp_path / "blob.csv"
+    bad.write_bytes(bytes(range(256)))
+    out = tmp_path / "never"
+    _fails(["--trace", str(bad), "--out", str(out), "--quiet"], capsys, "blob.csv")
+    assert not out.exists()
