@@ -34,27 +34,33 @@ def warm_up_compaction(arena) -> float:
     (its ``spec.block_shape`` and dtype, on its device) with 1, 2 and 16 moves and a block
     table of the arena's size class, then synchronize. Returns the seconds spent (0.0 and
     nothing launched when the arena is not on CUDA). The arena itself is not touched."""
+    if arena.device.type != "cuda":
+        return 0.0
+    return compaction_launches(arena.device, arena.spec, arena.capacity_blocks,
+                               arena.tables.device_table.numel())
+
+
+def compaction_launches(device, spec, capacity_blocks: int, table_numel: int) -> float:
+    """The launches of :func:`warm_up_compaction` for an arena of ``capacity_blocks`` blocks
+    of ``spec`` and a block table of ``table_numel`` int32 entries, on ``device`` (CUDA, or
+    ``meta`` to inspect the launches without running them). Returns seconds spent."""
     import torch
 
     import kernels
 
-    if arena.device.type != "cuda":
-        return 0.0
     t0 = time.perf_counter()
-    dev, spec = arena.device, arena.spec
-    num_blocks = same_class(arena.capacity_blocks, 32)
-    table_numel = arena.tables.device_table.numel()
-    blocks = torch.zeros((num_blocks, *spec.block_shape), dtype=spec.dtype, device=dev)
-    table = (torch.zeros(same_class(table_numel, 16), dtype=torch.int32, device=dev)
+    num_blocks = same_class(capacity_blocks, 32)
+    blocks = torch.zeros((num_blocks, *spec.block_shape), dtype=spec.dtype, device=device)
+    table = (torch.zeros(same_class(table_numel, 16), dtype=torch.int32, device=device)
              if table_numel else None)
     for moves in (1, 2, 16):
         if 2 * moves > num_blocks:
             continue
         # Two allocations, not two halves of one: a slice's pointer may lose the 16-byte
         # alignment the arena's freshly copied move lists have (another specialisation).
-        src = torch.arange(moves, dtype=torch.int64, device=dev)
-        dst = torch.arange(moves, 2 * moves, dtype=torch.int64, device=dev)
+        src = torch.arange(moves, dtype=torch.int64, device=device)
+        dst = torch.arange(moves, 2 * moves, dtype=torch.int64, device=device)
         kernels.compact_blocks(blocks, src, dst, table)
-    torch.cuda.synchronize(dev)
-    del blocks, table
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
     return time.perf_counter() - t0

@@ -156,3 +156,63 @@ def test_warm_up_leaves_nothing_to_compile_for_shrinks():
         assert len(kc._compact_kernel.device_caches[dev][0]) == compiled
     finally:
         arena.close()
+
+
+WARMUP_KEYS_SCRIPT = r"""
+import json, sys
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+from triton.runtime.jit import JITFunction
+import kernels.compact as kc
+from arena import KVSpec
+from bench.kernel_warmup import compaction_launches
+
+class Sm90:
+    def get_current_device(self): return 0
+    def get_current_stream(self, device=None): return 0
+    def get_current_target(self): return GPUTarget("cuda", 90, 32)
+    def get_active_torch_device(self): return torch.device("meta")
+
+driver.set_active(Sm90())
+keys = []
+def record(self, *args, grid, warmup, **kwargs):
+    binder = self.device_caches[0][-1]
+    keys.append(str(binder(*args, **kwargs)[1]))
+JITFunction.run = record
+kc.use_triton = lambda *t: True
+
+spec = KVSpec(32, 8, 128, 16, torch.float16)
+out = {}
+for capacity, table_numel in ((4096, 256 * 512), (4097, 255 * 511), (2000, 0)):
+    keys.clear()
+    compaction_launches("meta", spec, capacity, table_numel)
+    warm = set(keys)
+    keys.clear()
+    blocks = torch.empty((capacity, *spec.block_shape), dtype=spec.dtype, device="meta")
+    table = torch.empty(table_numel, dtype=torch.int32, device="meta") if table_numel else None
+    for moves in (1, 2, 3, 7, 15, 16, 17, 32, 48, 100, 1024):   # what shrinks launch
+        src = torch.empty(moves, dtype=torch.int64, device="meta")
+        kc.compact_blocks(blocks, src, torch.empty_like(src), table)
+    out[str(capacity)] = [len(warm), len(set(keys) - warm)]
+print(json.dumps(out))
+"""
+
+
+def test_warm_up_covers_every_shrink_specialisation_on_sm90():
+    """Through Triton's own binder with an sm_90 target (no GPU, nothing compiled): every
+    specialisation key a shrink of the arena can launch is one the warm-up launched."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(root)
+    proc = subprocess.run([sys.executable, "-c", WARMUP_KEYS_SCRIPT], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    for capacity, (warm, missing) in result.items():
+        assert warm == 3 and missing == 0, (capacity, warm, missing)
