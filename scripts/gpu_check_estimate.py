@@ -169,9 +169,7 @@ def decode_gpu_tests():
 
 
 def main() -> int:
-    from triton.runtime import driver as drv
-
-    drv.set_active(_FakeSm90Driver())
+    driver.set_active(_FakeSm90Driver())
     JITFunction.run = _counting_run
     report = {}
     for step, fn in (("bench_arena", arena_grid), ("bench_decode", decode_grid),
