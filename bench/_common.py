@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
-import math
 import os
 import platform
 import statistics
@@ -190,23 +188,15 @@ def copy_bandwidth(nbytes: int = 1 << 30, device: str = "cuda") -> float:
     return 2 * nbytes / seconds
 
 
-def _json_safe(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    return x
-
-
 def write_json_atomic(path: Path, doc: Any) -> Path:
-    """Write ``doc`` as indented JSON via a temporary file and a rename, so readers (and a
-    process killed mid-write) only ever see a whole document. Non-finite floats -> null."""
+    """Write ``doc`` (a mapping) as JSON with :func:`bench.report.write_json` (non-finite
+    floats -> null) to a temporary file, then rename it into place, so readers (and a
+    process killed mid-write) only ever see a whole document. Returns the path."""
+    from bench.report import write_json
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(_json_safe(doc), indent=2) + "\n")
+    write_json(tmp, doc)
     os.replace(tmp, path)
     return path
 
