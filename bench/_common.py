@@ -23,9 +23,10 @@ from typing import Any, Callable
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-#: Distribution names whose versions every result records (absent ones say so).
-VERSIONED = ("torch", "triton", "numpy", "cupy-cuda13x", "cupy-cuda12x", "cuda-bindings",
-             "cuda-python")
+#: Distributions whose versions every result records: a name, or alternatives of which the
+#: installed ones are recorded ("not installed" when none is).
+VERSIONED = ("torch", "triton", "numpy", ("cupy-cuda13x", "cupy-cuda12x", "cupy"),
+             ("cuda-bindings", "cuda-python"))
 
 
 def bench_parser(description: str) -> argparse.ArgumentParser:
@@ -50,11 +51,15 @@ def results_dir(out_dir: str | os.PathLike | None = None) -> Path:
 
 def _versions() -> dict[str, str]:
     found = {}
-    for name in VERSIONED:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
+    for entry in VERSIONED:
+        names = (entry,) if isinstance(entry, str) else entry
+        for name in names:
+            try:
+                found[name] = metadata.version(name)
+            except metadata.PackageNotFoundError:
+                continue
+        if not any(n in found for n in names):
+            found[names[0]] = "not installed"
     return found
 
 

@@ -36,6 +36,9 @@ def test_results_go_to_OUT_when_set(tmp_path, monkeypatch):
 def test_environment_records_versions():
     env = _common.environment("cpu")
     assert env["versions"]["torch"] and env["versions"]["numpy"]
+    # cupy and cuda-bindings are always named, installed or not
+    assert any(k.startswith("cupy") for k in env["versions"])
+    assert any(k.startswith("cuda-") for k in env["versions"])
     assert "date_utc" in env and env["device"].startswith("cpu")
 
 
