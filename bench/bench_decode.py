@@ -3,30 +3,37 @@
 For batch {1, 8, 32, 128} x context {512, 2k, 8k, 32k} tokens, 32 query / 8 KV heads,
 head_dim 128, block 16, fp16 and bf16, random non-contiguous block tables, it reports:
 
+* ``seconds``: the kernel's median time from CUDA-graph replays
+  (``triton.testing.do_bench_cudagraph``), so the ~0.2 ms host path of the Python wrapper
+  does not hide a 5-30 us kernel; ``ours.eager_s`` (eager, CUDA events) and
+  ``ours.host_launch_s`` (host wall time per call: the launch overhead) are reported beside.
 * ``kv_bytes_per_s``: K and V bytes the kernel must read (every sequence's whole context),
-  divided by its median time; ``ratio_to_copy`` is that rate over ``copy_bandwidth()``
-  (bytes read + written per second by ``Tensor.copy_``) measured in the same run.
+  divided by ``seconds``; ``ratio_to_copy`` is that rate over ``copy_bandwidth()``
+  (bytes read + written per second by ``Tensor.copy_``) measured in the same run. Graph
+  replays re-read the same K/V, so where ``kv_fits_in_l2`` the rate is L2's, not HBM's.
 * ``time_ratio_vs_sdpa``: our time / the time of torch's ``scaled_dot_product_attention``
-  over the same K/V gathered contiguous (only SDPA is timed, not the gather); < 1 is faster.
-* ``time_ratio_vs_flex``: the same against FlexAttention reading the paged cache through a
-  block mask built from the block tables, or ``"unavailable: <reason>"``.
+  over the same K/V gathered contiguous (only SDPA is timed, not the gather), both from
+  graph replays; < 1 is faster. ``eager_time_ratio_vs_sdpa``: the same for eager calls.
+* ``--flex``: on a few shapes (:data:`FLEX_SHAPES`; each costs a ``torch.compile``), the same
+  against FlexAttention reading the paged cache through a block mask built from the block
+  tables, or ``"unavailable: <reason>"``; written to ``flex_attention.json``.
 
-Run: ``python -m bench.bench_decode [--quick] [--no-flex] [--out DIR]`` (writes
-``decode_attention.json`` via ``bench._common.write_result``), or as a pytest-benchmark
+Run: ``python -m bench.bench_decode [--quick | --tiny] [--flex] [--out DIR]`` (writes
+``decode_attention.json`` in ``$OUT`` when set, else ``bench/results/``, after every shape;
+a failing shape is recorded with its error and the rest go on), or as a pytest-benchmark
 suite: ``python -m pytest bench/bench_decode.py --benchmark-only`` (skips without CUDA).
 Shapes whose cache (plus the gathered copy for SDPA) would not fit in free memory are
-skipped and recorded as such.
+skipped and recorded as such. ``--tiny`` is a CPU dry run (Triton's interpreter).
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 
 import torch
 
 import kernels
-from bench._common import copy_bandwidth, time_fn, write_result
+from bench._common import ResultFile, bench_parser, copy_bandwidth, error_row, time_kernel
 
 BATCHES = (1, 8, 32, 128)
 CONTEXTS = (512, 2048, 8192, 32768)
@@ -133,63 +140,138 @@ def flex_fn(inp: dict):
 
 def _fits(batch: int, context: int, dtype: torch.dtype) -> bool:
     # Cache + gathered copy for SDPA + SDPA's working set, with a margin.
+    if not torch.cuda.is_available():
+        return True
     free, _ = torch.cuda.mem_get_info()
     return 2.3 * kv_bytes(batch, context, dtype) < 0.9 * free
 
 
-def measure(batch: int, context: int, dtype: torch.dtype, *, with_flex: bool = True) -> dict:
-    """One shape's figures (see the module docstring), as a JSON-ready dict."""
-    row = dict(batch=batch, context=context, dtype=str(dtype).replace("torch.", ""),
-               num_heads=NUM_HEADS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM,
-               block_size=BLOCK_SIZE)
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _head(batch: int, context: int, dtype: torch.dtype) -> dict:
+    return dict(batch=batch, context=context, dtype=str(dtype).replace("torch.", ""),
+                num_heads=NUM_HEADS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM,
+                block_size=BLOCK_SIZE)
+
+
+def _compare(batch: int, context: int, dtype: torch.dtype, name: str, make_baseline) -> dict:
+    """Our kernel and a baseline (``make_baseline(inputs)`` returns a no-argument call) on
+    one shape, both timed with :func:`bench._common.time_kernel`; the row names the
+    baseline's figures ``<name>``, ``<name>_seconds``, ``time_ratio_vs_<name>`` (graph
+    replays), ``eager_time_ratio_vs_<name>`` and ``max_abs_diff_vs_<name>``."""
+    row = _head(batch, context, dtype)
     if not _fits(batch, context, dtype):
         row["skipped"] = "does not fit in free device memory"
         return row
-    inp = make_inputs(batch, context, dtype)
+    inp = make_inputs(batch, context, dtype, device=_device())
     out = torch.empty_like(inp["query"])
-    ours = time_fn(lambda: kernels.paged_decode_attention(**inp, out=out))
-    nbytes = kv_bytes(batch, context, dtype)
-    row.update(seconds=ours, kv_bytes=nbytes, kv_bytes_per_s=nbytes / ours)
+    step = lambda: kernels.paged_decode_attention(**inp, out=out)  # noqa: E731
+    step()  # compile outside the timing
+    ours = time_kernel(step)
+    row.update(seconds=ours["kernel_s"], ours=ours)
     try:
-        fn = sdpa_fn(inp)
+        fn = make_baseline(inp)
         ref = fn().squeeze(2)
-        row["max_abs_diff_vs_sdpa"] = float((ref.float() - out.float()).abs().max())
-        row["sdpa_seconds"] = time_fn(fn)
-        row["time_ratio_vs_sdpa"] = ours / row["sdpa_seconds"]
+        row[f"max_abs_diff_vs_{name}"] = float((ref.float() - out.float()).abs().max())
+        base = time_kernel(fn)
+        row.update({name: base, f"{name}_seconds": base["kernel_s"],
+                    f"time_ratio_vs_{name}": ours["kernel_s"] / base["kernel_s"],
+                    f"eager_time_ratio_vs_{name}": ours["eager_s"] / base["eager_s"]})
         del fn, ref
     except Exception as e:  # noqa: BLE001 - any failure is data for the table
-        row["time_ratio_vs_sdpa"] = f"unavailable: {type(e).__name__}: {str(e)[:200]}"
-    torch.cuda.empty_cache()
-    if with_flex:
-        try:
-            fn = flex_fn(inp)
-            row["flex_seconds"] = time_fn(fn)
-            row["time_ratio_vs_flex"] = ours / row["flex_seconds"]
-            del fn
-        except Exception as e:  # noqa: BLE001
-            row["time_ratio_vs_flex"] = f"unavailable: {type(e).__name__}: {str(e)[:200]}"
-    else:
-        row["time_ratio_vs_flex"] = "unavailable: disabled (--no-flex)"
+        row[f"time_ratio_vs_{name}"] = f"unavailable: {type(e).__name__}: {str(e)[:200]}"
     del inp, out
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return row
 
 
-def run(quick: bool = False, with_flex: bool = True, out_dir=None):
-    """Measure the whole grid (or a 2 x 2 corner with ``quick``) and write the JSON."""
-    bw = copy_bandwidth()
+def measure(batch: int, context: int, dtype: torch.dtype) -> dict:
+    """One shape's figures against SDPA (see the module docstring), as a JSON-ready dict.
+
+    ``seconds`` is the kernel's time from CUDA-graph replays; ``ours`` holds the eager and
+    host-launch figures too (:func:`bench._common.time_kernel`). SDPA is timed the same way.
+    """
+    row = _compare(batch, context, dtype, "sdpa", sdpa_fn)
+    if "seconds" in row:
+        nbytes = kv_bytes(batch, context, dtype)
+        row.update(kv_bytes=nbytes, kv_bytes_per_s=nbytes / row["seconds"])
+        if torch.cuda.is_available():
+            # Graph replays re-read the same K/V: below the L2 size that is a cache-hot
+            # figure (eager timings flush L2 between calls, graph replays do not).
+            l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 0)
+            row["kv_fits_in_l2"] = bool(l2) and nbytes <= l2
+    return row
+
+
+def measure_flex(batch: int, context: int, dtype: torch.dtype) -> dict:
+    """Our kernel against compiled FlexAttention over the same paged cache, both timed
+    from CUDA-graph replays (the compile happens before, outside the timing)."""
+    if not torch.cuda.is_available():
+        return {**_head(batch, context, dtype),
+                "skipped": "FlexAttention is compared on a GPU only (torch.compile)"}
+    return _compare(batch, context, dtype, "flex", flex_fn)
+
+
+#: The few shapes compared with FlexAttention: each costs a torch.compile (tens of seconds).
+FLEX_SHAPES = ((torch.float16, 8, 2048), (torch.bfloat16, 32, 8192))
+#: The dry-run shape (CPU, Triton's interpreter): the plumbing, not the numbers.
+TINY_SHAPES = ((torch.float16, 1, 32),)
+
+
+def run(quick: bool = False, out_dir=None, *, tiny: bool = False) -> list[dict]:
+    """Measure the whole grid (a 2 x 2 corner with ``quick``, one tiny CPU shape with
+    ``tiny``) against SDPA, writing ``decode_attention.json`` after every shape. A shape
+    that fails is recorded with its error and the rest go on."""
+    if tiny:
+        shapes = TINY_SHAPES
+    else:
+        batches, contexts = ((1, 32), (2048, 32768)) if quick else (BATCHES, CONTEXTS)
+        shapes = tuple((d, b, c) for d in DTYPES for b in batches for c in contexts)
+    res = ResultFile("decode_attention", out_dir, workload=dict(
+        num_heads=NUM_HEADS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM,
+        block_size=BLOCK_SIZE, timing="seconds = median of CUDA-graph replays; eager and "
+        "host-launch figures beside it", baseline="torch SDPA on K/V gathered contiguous"))
+    bw = copy_bandwidth(1 << 20 if tiny else 1 << 30, device=_device())
+    res.set("copy_bandwidth_Bps", bw)
+    print(f"copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
     rows = []
-    batches, contexts = ((1, 32), (2048, 32768)) if quick else (BATCHES, CONTEXTS)
-    for dtype in DTYPES:
-        for batch in batches:
-            for context in contexts:
-                row = measure(batch, context, dtype, with_flex=with_flex)
-                if "kv_bytes_per_s" in row:
-                    row["ratio_to_copy"] = row["kv_bytes_per_s"] / bw
-                rows.append(row)
-                print(_line(row), flush=True)
-    path = write_result("decode_attention", dict(copy_bandwidth_Bps=bw, results=rows), out_dir)
-    print(f"copy bandwidth {bw / 1e9:.0f} GB/s; written {path}")
+    for dtype, batch, context in shapes:
+        try:
+            row = measure(batch, context, dtype)
+        except Exception as e:  # noqa: BLE001 - one failed shape keeps the others
+            row = {**_head(batch, context, dtype), **error_row(e)}
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        if "kv_bytes_per_s" in row:
+            row["ratio_to_copy"] = row["kv_bytes_per_s"] / bw
+        rows.append(row)
+        res.add("results", row)
+        print(_line(row), flush=True)
+    print(f"written {res.path}")
+    return rows
+
+
+def run_flex(out_dir=None, *, tiny: bool = False) -> list[dict]:
+    """The FlexAttention comparison on :data:`FLEX_SHAPES`, written to
+    ``flex_attention.json`` after every shape."""
+    res = ResultFile("flex_attention", out_dir, workload=dict(
+        num_heads=NUM_HEADS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM,
+        block_size=BLOCK_SIZE, timing="median of CUDA-graph replays, compile excluded",
+        baseline="torch.compile(flex_attention) over the paged cache with a block mask "
+                 "built from the block tables"))
+    rows = []
+    for dtype, batch, context in (TINY_SHAPES if tiny else FLEX_SHAPES):
+        try:
+            row = measure_flex(batch, context, dtype)
+        except Exception as e:  # noqa: BLE001
+            row = {**_head(batch, context, dtype), **error_row(e)}
+        rows.append(row)
+        res.add("results", row)
+        print(_line(row), flush=True)
+    print(f"written {res.path}")
     return rows
 
 
@@ -197,27 +279,38 @@ def _line(r: dict) -> str:
     head = f"{r['dtype']:>8} batch {r['batch']:>3} ctx {r['context']:>5}"
     if "skipped" in r:
         return f"{head}: skipped ({r['skipped']})"
+    if "error" in r:
+        return f"{head}: FAILED {r['error']}"
 
     def ratio(key):
         x = r.get(key)
         return f"{x:.2f}" if isinstance(x, float) else "n/a"
-    return (f"{head}: {r['seconds'] * 1e6:8.1f} us  {r['kv_bytes_per_s'] / 1e9:7.0f} GB/s  "
-            f"x copy {r.get('ratio_to_copy', float('nan')):.2f}  "
-            f"time/sdpa {ratio('time_ratio_vs_sdpa')}  time/flex {ratio('time_ratio_vs_flex')}")
+    text = (f"{head}: {r['seconds'] * 1e6:8.1f} us (host {r['ours']['host_launch_s'] * 1e6:.0f}"
+            f" us)")
+    if "kv_bytes_per_s" in r:
+        text += (f"  {r['kv_bytes_per_s'] / 1e9:7.0f} GB/s  x copy "
+                 f"{r.get('ratio_to_copy', float('nan')):.2f}  time/sdpa "
+                 f"{ratio('time_ratio_vs_sdpa')}")
+    if "time_ratio_vs_flex" in r:
+        text += f"  time/flex {ratio('time_ratio_vs_flex')}"
+    return text
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = bench_parser(__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a 2 x 2 corner of the grid")
-    p.add_argument("--no-flex", action="store_true", help="skip the FlexAttention comparison")
-    p.add_argument("--out", default=None, help="results folder (default bench/results)")
+    p.add_argument("--flex", action="store_true", help="only the FlexAttention comparison "
+                   "(a few shapes; writes flex_attention.json)")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and not args.tiny:
         print("bench.bench_decode needs a CUDA device (the kernel's CPU path is Triton's "
               "interpreter, whose timings mean nothing); no result written.", file=sys.stderr)
         return 2
-    run(quick=args.quick, with_flex=not args.no_flex, out_dir=args.out)
-    return 0
+    if args.flex:
+        rows = run_flex(args.out, tiny=args.tiny)
+    else:
+        rows = run(quick=args.quick, out_dir=args.out, tiny=args.tiny)
+    return 1 if any("error" in r for r in rows) else 0
 
 
 # --- pytest-benchmark: ``python -m pytest bench/bench_decode.py --benchmark-only`` ---------

@@ -1,8 +1,12 @@
 """Prefill attention throughput: paged Triton kernel vs torch SDPA on contiguous K/V.
 
-Run ``python -m bench.bench_prefill`` on a CUDA machine (writes
-``bench/results/prefill_attention.json``), or ``pytest bench/bench_prefill.py`` for the
-pytest-benchmark suite. Without CUDA both say so and do nothing (exit status 0).
+Run ``python -m bench.bench_prefill [--out DIR] [--tiny]`` on a CUDA machine (writes
+``prefill_attention.json`` in ``$OUT`` when set, else ``bench/results/``, after every row; a
+failing row is recorded with its error and the rest go on), or ``pytest
+bench/bench_prefill.py`` for the pytest-benchmark suite. Without CUDA both say so and do
+nothing (exit status 0), except ``--tiny``: a CPU dry run through Triton's interpreter.
+Both kernels are timed from CUDA-graph replays (the kernel, not the Python launch path),
+with eager and host-launch figures beside.
 
 Workload: whole prompts of length L in {512, 2048, 8192}, batch 16384 // L (16k query
 tokens per launch: 32, 8 and 2 prompts), 32 query heads / 8 KV heads (GQA 4), head_dim
@@ -29,7 +33,7 @@ import sys
 import torch
 
 import kernels
-from bench._common import copy_bandwidth, time_fn, write_result
+from bench._common import ResultFile, bench_parser, copy_bandwidth, error_row, time_kernel
 from kernels.prefill_attention import default_config
 
 PROMPT_LENS = (512, 2048, 8192)
@@ -45,10 +49,12 @@ def causal_flops(q_lens, seq_lens, num_heads: int, head_dim: int) -> float:
     return 4.0 * num_heads * head_dim * pairs
 
 
-def make_workload(prompt_len: int, dtype: torch.dtype, device: str = "cuda", seed: int = 0):
-    """Inputs for both kernels: a dict with the paged call's arguments and SDPA's tensors."""
+def make_workload(prompt_len: int, dtype: torch.dtype, device: str = "cuda", seed: int = 0,
+                  tokens: int = TOKENS_PER_LAUNCH):
+    """Inputs for both kernels: a dict with the paged call's arguments and SDPA's tensors;
+    ``tokens // prompt_len`` prompts (at least one)."""
     g = torch.Generator(device=device).manual_seed(seed)
-    batch = max(1, TOKENS_PER_LAUNCH // prompt_len)
+    batch = max(1, tokens // prompt_len)
     blocks_per_seq = -(-prompt_len // BLOCK_SIZE)
     num_blocks = batch * blocks_per_seq
     opts = dict(generator=g, device=device, dtype=dtype)
@@ -95,54 +101,89 @@ def check_agreement(work) -> float:
     return float((got.float() - ref.float()).abs().max())
 
 
-def run() -> dict:
-    """Measure every (dtype, prompt length); returns the JSON payload."""
-    rows = []
-    for dtype in DTYPES:
-        for prompt_len in PROMPT_LENS:
-            work = make_workload(prompt_len, dtype)
-            err = check_agreement(work)
-            t_paged = time_fn(paged_fn(work))
-            t_sdpa = time_fn(sdpa_fn(work))
-            row = {
-                "dtype": str(dtype).replace("torch.", ""),
-                "prompt_len": prompt_len,
-                "batch": work["batch"],
-                "flops": work["flops"],
-                "paged_ms": t_paged * 1e3,
-                "sdpa_ms": t_sdpa * 1e3,
-                "paged_tflops": work["flops"] / t_paged / 1e12,
-                "sdpa_tflops": work["flops"] / t_sdpa / 1e12,
-                "speed_vs_sdpa": t_sdpa / t_paged,
-                "max_abs_diff_vs_sdpa": err,
-                "tile_config": dataclasses.asdict(default_config(
-                    HEAD_DIM, NUM_HEADS // NUM_KV_HEADS, dtype)),
-            }
-            rows.append(row)
-            print(f"{row['dtype']:>8} L={prompt_len:>5} batch={row['batch']:>2}  "
-                  f"paged {row['paged_ms']:7.3f} ms {row['paged_tflops']:6.1f} TFLOP/s  "
-                  f"sdpa {row['sdpa_ms']:7.3f} ms {row['sdpa_tflops']:6.1f} TFLOP/s  "
-                  f"x{row['speed_vs_sdpa']:.2f}  maxdiff {err:.2e}")
-            del work
-            torch.cuda.empty_cache()
-    return {
-        "workload": {"num_heads": NUM_HEADS, "num_kv_heads": NUM_KV_HEADS, "head_dim": HEAD_DIM,
-                     "block_size": BLOCK_SIZE, "tokens_per_launch": TOKENS_PER_LAUNCH,
-                     "block_tables": "random permutation of block ids",
-                     "flops_formula": "4*H*D*sum_i(q_i*ctx_i + q_i*(q_i+1)/2)",
-                     "baseline": "torch SDPA is_causal=True enable_gqa=True, contiguous K/V"},
-        "copy_bandwidth_bytes_per_s": copy_bandwidth(),
-        "results": rows,
+def _head(prompt_len: int, dtype: torch.dtype) -> dict:
+    return {"dtype": str(dtype).replace("torch.", ""), "prompt_len": prompt_len}
+
+
+def measure(prompt_len: int, dtype: torch.dtype, *, tokens: int = TOKENS_PER_LAUNCH,
+            device: str = "cuda") -> dict:
+    """One (dtype, prompt length) row: both kernels timed from CUDA-graph replays
+    (``*_ms``), with eager and host-launch figures in ``paged``/``sdpa``."""
+    work = make_workload(prompt_len, dtype, device=device, tokens=tokens)
+    err = check_agreement(work)
+    paged = time_kernel(paged_fn(work))
+    sdpa = time_kernel(sdpa_fn(work))
+    t_paged, t_sdpa = paged["kernel_s"], sdpa["kernel_s"]
+    row = {
+        **_head(prompt_len, dtype),
+        "batch": work["batch"],
+        "flops": work["flops"],
+        "paged_ms": t_paged * 1e3,
+        "sdpa_ms": t_sdpa * 1e3,
+        "paged": paged,
+        "sdpa": sdpa,
+        "paged_tflops": work["flops"] / t_paged / 1e12,
+        "sdpa_tflops": work["flops"] / t_sdpa / 1e12,
+        "speed_vs_sdpa": t_sdpa / t_paged,
+        "max_abs_diff_vs_sdpa": err,
+        "tile_config": dataclasses.asdict(default_config(
+            HEAD_DIM, NUM_HEADS // NUM_KV_HEADS, dtype)),
     }
+    del work
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return row
 
 
-def main() -> int:
-    if not torch.cuda.is_available():
+WORKLOAD = {"num_heads": NUM_HEADS, "num_kv_heads": NUM_KV_HEADS, "head_dim": HEAD_DIM,
+            "block_size": BLOCK_SIZE, "tokens_per_launch": TOKENS_PER_LAUNCH,
+            "block_tables": "random permutation of block ids",
+            "flops_formula": "4*H*D*sum_i(q_i*ctx_i + q_i*(q_i+1)/2)",
+            "timing": "*_ms = median of CUDA-graph replays; eager and host-launch figures in "
+                      "'paged'/'sdpa'",
+            "baseline": "torch SDPA is_causal=True enable_gqa=True, contiguous K/V"}
+#: The dry-run case (CPU, Triton's interpreter): prompt length and tokens per launch.
+TINY = (32, 64)
+
+
+def run(out_dir=None, *, tiny: bool = False) -> list[dict]:
+    """Measure every (dtype, prompt length), writing ``prefill_attention.json`` after each
+    row; a failing row is recorded with its error and the rest go on. ``tiny``: one small
+    case on CPU (a dry run of the plumbing)."""
+    device = "cpu" if tiny else "cuda"
+    res = ResultFile("prefill_attention", out_dir, workload=WORKLOAD)
+    res.set("copy_bandwidth_bytes_per_s",
+            copy_bandwidth(1 << 20 if tiny else 1 << 30, device=device))
+    cases = [(torch.float16, TINY[0])] if tiny else [(d, L) for d in DTYPES for L in PROMPT_LENS]
+    rows = []
+    for dtype, prompt_len in cases:
+        try:
+            row = measure(prompt_len, dtype, device=device,
+                          tokens=TINY[1] if tiny else TOKENS_PER_LAUNCH)
+            print(f"{row['dtype']:>8} L={prompt_len:>5} batch={row['batch']:>2}  "
+                  f"paged {row['paged_ms']:7.3f} ms {row['paged_tflops']:6.1f} TFLOP/s "
+                  f"(host {row['paged']['host_launch_s'] * 1e6:.0f} us)  "
+                  f"sdpa {row['sdpa_ms']:7.3f} ms {row['sdpa_tflops']:6.1f} TFLOP/s  "
+                  f"x{row['speed_vs_sdpa']:.2f}  maxdiff {row['max_abs_diff_vs_sdpa']:.2e}",
+                  flush=True)
+        except Exception as exc:  # noqa: BLE001 - one failed case keeps the others
+            row = {**_head(prompt_len, dtype), **error_row(exc)}
+            print(f"{row['dtype']:>8} L={prompt_len:>5}: FAILED {row['error']}", flush=True)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        rows.append(row)
+        res.add("results", row)
+    print(f"wrote {res.path}")
+    return rows
+
+
+def main(argv=None) -> int:
+    args = bench_parser(__doc__.splitlines()[0]).parse_args(argv)
+    if not torch.cuda.is_available() and not args.tiny:
         print("bench_prefill: no CUDA device; this benchmark needs a GPU (nothing measured).")
         return 0
-    path = write_result("prefill_attention", run())
-    print(f"wrote {path}")
-    return 0
+    rows = run(args.out, tiny=args.tiny)
+    return 1 if any("error" in r for r in rows) else 0
 
 
 # ---------------------------------------------------------------- pytest-benchmark suite

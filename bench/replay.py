@@ -34,12 +34,12 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from bench import report
+from bench import cli_checks, report
+from bench.kernel_warmup import warm_up_compaction
 from bench.traces import Trace, load_trace
 
 GIB = 1 << 30
@@ -302,6 +302,8 @@ def run_policy(setup: ReplaySetup, trace: Trace, policy: str, *, progress: bool 
                        max_seqs=setup.max_running,
                        max_blocks_per_seq=spec.blocks_for(longest),
                        compact_fn=remap_tables_only if setup.copy_free_compaction else None)
+    # CUDA: compile the compaction kernel now, so JIT time is not charged to the first shrink.
+    warm_up_compaction(arena)
     ledger = _CostLedger(setup.cost_model())
     truth = LatencyModel.from_hardware(setup.model, setup.device)
     config = LoopConfig(memory=memory, predictor=pred or "max_tokens",
@@ -403,6 +405,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="replay at most this many requests (after --time-slice)")
     p.add_argument("--max-tokens", type=int, default=2048,
                    help="max_tokens of every request (the bound the max_tokens predictor uses)")
+    p.add_argument("--max-model-len", type=int, default=cli_checks.DEFAULT_MAX_MODEL_LEN,
+                   help="longest request in tokens (prompt + max_tokens); longer trace rows "
+                        "are dropped before the replay, counted and reported")
     p.add_argument("--token-budget", type=int, default=2048, help="tokens per model step")
     p.add_argument("--max-running", type=int, default=256, help="sequences running at once")
     p.add_argument("--preemption", default="auto", choices=("auto", "swap", "recompute"))
@@ -504,6 +509,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
+        cli_checks.check_replay_numbers(
+            device_memory_gib=args.device_memory_gib,
+            activation_reserve_gib=args.activation_reserve_gib,
+            memory_utilization=args.memory_utilization, block_size=args.block_size,
+            max_tokens=args.max_tokens, token_budget=args.token_budget,
+            max_running=args.max_running, max_model_len=args.max_model_len,
+            arrival_reserve_s=args.arrival_reserve_s, shrink_min_blocks=args.shrink_min_blocks)
         policies = policies_from_args(args.policy, args.predictor)
         trace = load_trace(args.trace)
         if args.time_slice:
@@ -512,6 +524,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.max_requests < 1:
                 raise ValueError(f"--max-requests must be >= 1, got {args.max_requests}")
             trace = trace.head(args.max_requests)
+        trace, dropped, longest = cli_checks.drop_over_max_model_len(
+            trace, args.max_model_len, args.max_tokens)
         setup = build_setup(model=args.model, device=args.device,
                             device_memory_gib=args.device_memory_gib,
                             activation_reserve_gib=args.activation_reserve_gib,
@@ -519,10 +533,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                             block_size=args.block_size, max_tokens=args.max_tokens,
                             token_budget=args.token_budget, max_running=args.max_running,
                             preemption=args.preemption, copy_kv_bytes=args.copy_kv_bytes)
+        # last, so a bad argument creates no folder; still before any compute
+        out = cli_checks.check_out_dir(args.out)
     except (ValueError, TypeError) as exc:
         parser.error(str(exc))    # exits with status 2
-    out = Path(args.out)
     head = header_lines(setup, trace)
+    if dropped:
+        note = (f"dropped {dropped} requests longer than --max-model-len {args.max_model_len} "
+                f"(prompt + max_tokens; the longest needs {longest} tokens)")
+        head.append(note)
+        print(f"kv-replay: {note}", file=sys.stderr)
     planner = None
     knobs = {k: v for k, v in (("shrink_min_blocks", args.shrink_min_blocks),
                                 ("arrival_reserve_s", args.arrival_reserve_s)) if v is not None}
@@ -549,7 +569,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     doc = {
         "environment": environment(setup.arena_device),
         "command": "python -m bench.replay " + " ".join(sys.argv[1:] if argv is None else argv),
-        "trace": trace.describe(),
+        "trace": {**trace.describe(), "max_model_len": args.max_model_len,
+                  "dropped_over_max_model_len": dropped},
         # the windowed planner's effective knobs, defaults included, so a result never
         # depends on what the defaults are when it is read
         "setup": {**setup.describe(),
@@ -564,16 +585,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  for k, v in report.bucket_timeline(r, 400).items()}
                       for r in runs},
     }
-    report.write_json(out / "replay.json", doc)
     text = "\n".join(f"- {h}" for h in head) + "\n\n" + table + "\n"
     if targets:
         text += ("\nTargets (windowed:empirical against static):\n\n"
                  + report.targets_table(targets) + "\n")
-    (out / "table.md").write_text(text)
+    writers = {"replay.json": lambda p: report.write_json(p, doc),
+               "table.md": lambda p: p.write_text(text)}
     if not args.no_plot:
-        report.plot_memory(runs, out / "memory.png",
-                           title=f"{trace.name}: {setup.model.name} on {setup.device.name} - "
-                                 f"mapped (solid) and live (dashed) KV memory")
+        title = (f"{trace.name}: {setup.model.name} on {setup.device.name} - mapped (solid) "
+                 f"and live (dashed) KV memory")
+        writers["memory.png"] = lambda p: report.plot_memory(runs, p, title=title)
+    cli_checks.write_all_or_nothing(out, writers)  # a failed PNG leaves no half-written set
     print("\n".join(f"- {h}" for h in head))
     print()
     print(table)

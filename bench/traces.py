@@ -143,43 +143,86 @@ def resolve_trace(spec: str | os.PathLike | None) -> Path:
         f"{', '.join(sorted(known)) or '(none found)'} (shared folder: {shared_traces_dir()})")
 
 
+#: Longest field accepted (characters): every valid number fits in far fewer, and a bound
+#: keeps numpy's fixed-width string columns (4 bytes x width x rows) small whatever the file.
+MAX_FIELD_CHARS = 32
+#: Largest token count accepted in a row: beyond any model's context, and small enough that
+#: block counts derived from it never overflow int64 arithmetic.
+MAX_TRACE_TOKENS = 10 ** 9
+#: How much of an offending line or field an error message quotes.
+EXCERPT_CHARS = 60
+
+
+def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
+    """``repr`` of ``text``, cut to about ``limit`` characters with the full length noted, so
+    one huge field never makes a huge error line."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
 def _bad_row(path: Path, line_no: int, message: str) -> ValueError:
     return ValueError(f"{path}: line {line_no}: {message}")
 
 
 def _parse_column(path: Path, values: list[str], line_nos: np.ndarray, column: str,
                   dtype: type) -> np.ndarray:
-    """Convert one column of strings at once; on failure, find and name the first bad row."""
+    """Convert one column of strings at once; on failure, find and name the first bad row.
+
+    Fields are at most :data:`MAX_FIELD_CHARS` long (checked by the caller), so the
+    temporary string array is small. Integers beyond int64 are reported like any other bad
+    value (numpy raises OverflowError for them)."""
     try:
         return np.array(values, dtype=np.str_).astype(dtype)
-    except ValueError:
+    except (ValueError, OverflowError):
         for v, ln in zip(values, line_nos):
             try:
                 np.array([v], dtype=np.str_).astype(dtype)
             except ValueError:
                 kind = "a number" if dtype is np.float64 else "an integer"
-                raise _bad_row(path, int(ln), f"{column}={v!r} is not {kind}") from None
+                raise _bad_row(path, int(ln), f"{column}={excerpt(v)} is not {kind}") from None
+            except OverflowError:
+                raise _bad_row(path, int(ln), f"{column}={excerpt(v)} is out of range (at "
+                                              f"most {MAX_TRACE_TOKENS})") from None
         raise  # pragma: no cover - the whole-column conversion failed, so some row must
+
+
+def _read_text(path: Path) -> str:
+    """The file's text; a UTF-8 byte-order mark is dropped. Raises ValueError naming the
+    file when it cannot be read or is not UTF-8 text (a binary file, say)."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"trace {str(path)!r} cannot be read: {exc}") from exc
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"trace {str(path)!r} is not UTF-8 text (byte {exc.start}: "
+                         f"{data[exc.start:exc.start + 8]!r}); expected a CSV with header "
+                         f"{','.join(TRACE_COLUMNS)!r}") from None
+    if "\x00" in text:
+        raise ValueError(f"trace {str(path)!r} holds NUL bytes: a binary file, not a CSV "
+                         f"with header {','.join(TRACE_COLUMNS)!r}")
+    return text
 
 
 def load_trace(spec: str | os.PathLike | None = None) -> Trace:
     """Load and validate a trace CSV (see :func:`resolve_trace` for ``spec``).
 
     Checks, each failing with a ValueError that names the file and the 1-based line:
-    the header is exactly ``arrival_s,prompt_tokens,output_tokens``; every row has three
-    fields; arrivals are finite numbers >= 0 in non-decreasing order; token counts are
-    integers >= 1. Blank lines are skipped; an empty trace is an error.
+    the file is UTF-8 text (a byte-order mark is allowed); the header is exactly
+    ``arrival_s,prompt_tokens,output_tokens``; every row has three fields of at most
+    :data:`MAX_FIELD_CHARS` characters; arrivals are finite numbers >= 0 in non-decreasing
+    order; token counts are integers in ``[1, MAX_TRACE_TOKENS]``. Blank lines are skipped;
+    an empty trace is an error. Error messages quote at most :data:`EXCERPT_CHARS`
+    characters of the offending text.
     Returns a :class:`Trace` (float64 arrivals in seconds, int64 token counts).
     """
     path = resolve_trace(spec)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ValueError(f"trace {str(path)!r} cannot be read: {exc}") from exc
-    lines = text.splitlines()
+    lines = _read_text(path).splitlines()
     if not lines or tuple(c.strip() for c in lines[0].split(",")) != TRACE_COLUMNS:
-        got = lines[0] if lines else "(empty file)"
-        raise _bad_row(path, 1, f"header must be {','.join(TRACE_COLUMNS)!r}, got {got!r}")
+        got = excerpt(lines[0]) if lines else "(empty file)"
+        raise _bad_row(path, 1, f"header must be {','.join(TRACE_COLUMNS)!r}, got {got}")
     rows, line_nos = [], []
     for i, line in enumerate(lines[1:], start=2):
         if not line.strip():
@@ -187,8 +230,13 @@ def load_trace(spec: str | os.PathLike | None = None) -> Trace:
         fields = line.split(",")
         if len(fields) != 3:
             raise _bad_row(path, i, f"expected 3 comma-separated fields, got {len(fields)}: "
-                                    f"{line!r}")
-        rows.append([f.strip() for f in fields])
+                                    f"{excerpt(line)}")
+        fields = [f.strip() for f in fields]
+        for column, f in zip(TRACE_COLUMNS, fields):
+            if len(f) > MAX_FIELD_CHARS:
+                raise _bad_row(path, i, f"{column}={excerpt(f)} is longer than "
+                                        f"{MAX_FIELD_CHARS} characters")
+        rows.append(fields)
         line_nos.append(i)
     if not rows:
         raise ValueError(f"{path}: the trace holds no request (only a header)")
@@ -207,6 +255,11 @@ def load_trace(spec: str | os.PathLike | None = None) -> Trace:
         if bad.any():
             k = int(np.argmax(bad))
             raise _bad_row(path, int(ln[k]), f"{name}={raw[k]!r} must be >= 1")
+        bad = col > MAX_TRACE_TOKENS
+        if bad.any():
+            k = int(np.argmax(bad))
+            raise _bad_row(path, int(ln[k]), f"{name}={raw[k]!r} is above the "
+                                             f"{MAX_TRACE_TOKENS} tokens a trace row may hold")
     back = np.diff(arrival) < 0
     if back.any():
         k = int(np.argmax(back)) + 1
