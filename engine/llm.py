@@ -125,15 +125,7 @@ class LLM:
         """Queue one prompt; returns its request id. ``arrival_s``: on the loop's clock
         (default now). ``stop_after``: end after this many tokens as if EOS came then
         (trace replay, where the true output length is known); default ``max_tokens``."""
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
-        ids = [int(t) for t in prompt_token_ids]
-        vocab = self.model.cfg.vocab_size
-        if not ids or min(ids) < 0 or max(ids) >= vocab:
-            raise ValueError(f"prompt_token_ids must be non-empty token ids in [0, {vocab})")
-        if len(ids) + params.max_tokens > self.max_model_len:
-            raise ValueError(f"prompt_token_ids: {len(ids)} tokens + max_tokens "
-                             f"{params.max_tokens} exceed max_model_len={self.max_model_len}")
+        ids = self._check(prompt_token_ids, params)
         rid = self._next_id
         req = Request(rid, len(ids), params.max_tokens, stop_after or params.max_tokens,
                       arrival_s=self.loop.now if arrival_s is None else float(arrival_s))
@@ -145,6 +137,22 @@ class LLM:
         self.step.seqs[rid] = Sequence(req, ids, len(ids), params, gen)
         self._next_id += 1
         return rid
+
+    def _check(self, prompt_token_ids, params) -> list[int]:
+        """The prompt as a list of ints; ValueError/TypeError naming what is wrong."""
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling_params must be SamplingParams, got "
+                            f"{type(params).__name__}")
+        if not isinstance(prompt_token_ids, (list, tuple)):
+            raise TypeError("prompt_token_ids: each prompt must be a list of token ids")
+        ids = [int(t) for t in prompt_token_ids]
+        vocab = self.model.cfg.vocab_size
+        if not ids or min(ids) < 0 or max(ids) >= vocab:
+            raise ValueError(f"prompt_token_ids must be non-empty token ids in [0, {vocab})")
+        if len(ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(f"prompt_token_ids: {len(ids)} tokens + max_tokens "
+                             f"{params.max_tokens} exceed max_model_len={self.max_model_len}")
+        return ids
 
     def output(self, rid: int) -> RequestOutput:
         """The result of request ``rid`` (its tokens so far if it has not finished)."""
@@ -162,18 +170,14 @@ class LLM:
         ``sampling_params``: one for all prompts or one per prompt (default
         ``SamplingParams()``). Every prompt is checked before any is queued."""
         prompts = list(prompt_token_ids)
-        if not prompts or not all(isinstance(p, (list, tuple)) for p in prompts):
+        if not prompts:
             raise ValueError("prompt_token_ids must be a non-empty list of token-id lists")
         sps = sampling_params if sampling_params is not None else SamplingParams()
         sps = [sps] * len(prompts) if isinstance(sps, SamplingParams) else list(sps)
         if len(sps) != len(prompts):
             raise ValueError(f"sampling_params has {len(sps)} entries for {len(prompts)} prompts")
         for p, sp in zip(prompts, sps):   # validate all first: nothing queued on bad input
-            if not isinstance(sp, SamplingParams):
-                raise TypeError("sampling_params must be SamplingParams")
-            if not p or len(p) + sp.max_tokens > self.max_model_len:
-                raise ValueError(f"prompt_token_ids: a prompt of {len(p)} tokens + max_tokens "
-                                 f"{sp.max_tokens} does not fit max_model_len={self.max_model_len}")
+            self._check(p, sp)
         rids = [self.add_request(p, sp) for p, sp in zip(prompts, sps)]
         self.loop.run()
         outs = [self.output(r) for r in rids]
