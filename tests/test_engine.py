@@ -66,9 +66,18 @@ def tiny_hf(family: str = "llama", *, seed: int = 0, tie: bool | None = None, **
     return model
 
 
+def to_dtype(model, dtype: torch.dtype):
+    """``model.to(dtype)`` keeping the RoPE frequency buffer in fp32 (``.to`` would cast it,
+    and an fp16 frequency table changes tokens: the pitfall the engine avoids)."""
+    inv = model.model.rotary_emb.inv_freq.clone()
+    model = model.to(dtype)
+    model.model.rotary_emb.inv_freq = inv
+    return model
+
+
 @functools.lru_cache(maxsize=None)
 def cached_hf(family: str, dtype: torch.dtype = torch.float32):
-    return tiny_hf(family).to(dtype)
+    return to_dtype(tiny_hf(family), dtype)
 
 
 def hf_greedy(model, prompt: list[int], n: int = MAX_TOKENS) -> tuple[list[int], torch.Tensor]:
