@@ -130,10 +130,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ValueError(f"--policy must be static, on-demand or windowed[:predictor], "
                                  f"got {pol!r}")
         trace = load_trace(args.trace)
-        n = args.max_requests or (8 if cpu else 200)
-        if n < 1:
-            raise ValueError(f"--max-requests must be >= 1, got {n}")
-        trace = trace.head(n)
+        for name in ("max_requests", "max_prompt_tokens", "max_output_tokens", "max_tokens"):
+            v = getattr(args, name)
+            if v is not None and v < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+        trace = trace.head(args.max_requests or (8 if cpu else 200))
         clip_p = args.max_prompt_tokens or (256 if cpu else None)
         clip_o = args.max_output_tokens or (32 if cpu else None)
         trace = Trace(trace.name, trace.source, trace.arrival_s,
