@@ -17,7 +17,7 @@ from scheduler import PlannerConfig
 
 PROMPTS = [[5, 17, 42, 9, 100], [3, 3, 7, 200, 11, 11, 12, 50, 1, 99, 98, 2], list(range(30, 50)),
            [77]]
-MAX_TOKENS = 8
+MAX_TOKENS = 6
 # A host arena with 4 KiB chunks: 2 blocks of 4 tokens for the tiny models' 512 B/token.
 SMALL = dict(block_size=4, arena_granularity=4096)
 
@@ -169,7 +169,7 @@ def test_preemption_mid_decode_resumes_identically(preemption, kernels_on, reque
 def test_window_end_compaction_moves_live_blocks_mid_generation():
     """Windowed memory with requests of different lengths: at window ends the arena moves
     blocks of running requests to lower ids and unmaps the top; decoding reads them there."""
-    lens = [2, 8, 3, 8]
+    lens = [2, 6, 3, 6]
     llm, outs = run_engine("qwen2", memory_policy="windowed", max_tokens=lens,
                            planner=PlannerConfig(min_decode_steps=1, max_decode_steps=2,
                                                  arrival_reserve_s=0.0, shrink_min_blocks=1),
@@ -264,8 +264,8 @@ def test_eos_ends_a_request_unless_ignored(torch_kernels):
     hf.config.eos_token_id = eos
     llm = LLM(hf, block_size=4)
     stop, keep = llm.generate([PROMPTS[2], PROMPTS[2]],
-                              [SamplingParams(max_tokens=8),
-                               SamplingParams(max_tokens=8, ignore_eos=True)])
+                              [SamplingParams(max_tokens=MAX_TOKENS),
+                               SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)])
     first = tokens.index(eos)
     assert stop.token_ids == tokens[:first + 1] and stop.finish_reason == "stop"
     assert keep.token_ids == tokens and keep.finish_reason == "length"

@@ -12,7 +12,7 @@ import kernels
 from arena import KVSpec, PagedArena
 from engine import LLM, ModelConfig, SamplingParams, load_model
 from engine.model import AttentionMetadata, CausalLM, rms_norm, rope_inv_freq
-from tests.test_engine import PROMPTS, reference, tiny_hf, to_dtype, torch_kernels  # noqa: F401
+from tests.test_engine import MAX_TOKENS, PROMPTS, reference, tiny_hf, to_dtype, torch_kernels  # noqa: F401
 
 
 def prefill_in_own_arena(model: CausalLM, prompt: list[int], block_size: int = 4):
@@ -63,7 +63,7 @@ def test_safetensors_folder_loads_equal_to_the_object(tmp_path, tie, torch_kerne
         assert torch.equal(a.params[k], b.params[k]), k
     if tie:
         outs = LLM(str(tmp_path), block_size=4).generate(
-            PROMPTS, SamplingParams(max_tokens=8, ignore_eos=True))
+            PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))
         assert [o.token_ids for o in outs] == [t for t, _ in reference("qwen2")]
 
 
