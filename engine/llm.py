@@ -84,20 +84,30 @@ class LLM:
         device = torch.device(device)
         if device.type not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {str(device)!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an int, got {seed!r}")
+        for name, v in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
+                        ("max_num_batched_tokens", max_num_batched_tokens),
+                        ("max_model_len", max_model_len or 1)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+        # Checked before anything is built (the arena holds device memory).
+        config = LoopConfig(memory=memory_policy, predictor=predictor,
+                            token_budget=max_num_batched_tokens, max_running=max_num_seqs,
+                            preemption=preemption, planner=planner)
+        if kv_cache_memory_bytes is not None and (
+                isinstance(kv_cache_memory_bytes, bool)
+                or not isinstance(kv_cache_memory_bytes, int) or kv_cache_memory_bytes <= 0):
+            raise ValueError(f"kv_cache_memory_bytes must be a positive int, got "
+                             f"{kv_cache_memory_bytes!r}")
         self.model = load_model(model, dtype=dtype, device=device, seed=seed)
         cfg = self.model.cfg
         self.seed, self.device = seed, device
         spec = KVSpec(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, block_size=block_size,
                       dtype=self.model.dtype)
-        if kv_cache_memory_bytes is None:
+        if kv_cache_memory_bytes is None:   # what the weights left
             kv_cache_memory_bytes = (int(torch.cuda.mem_get_info(device)[0] * 0.9)
                                      if device.type == "cuda" else 256 << 20)
-        if isinstance(kv_cache_memory_bytes, bool) or not isinstance(kv_cache_memory_bytes, int) \
-                or kv_cache_memory_bytes <= 0:
-            raise ValueError(f"kv_cache_memory_bytes must be a positive int, got "
-                             f"{kv_cache_memory_bytes!r}")
         self.max_model_len = min(max_model_len or cfg.max_position_embeddings,
                                  kv_cache_memory_bytes // spec.token_bytes)
         if self.max_model_len < 1:
@@ -106,17 +116,17 @@ class LLM:
         self.arena = PagedArena(spec, kv_cache_memory_bytes, device, max_seqs=max_num_seqs,
                                 max_blocks_per_seq=spec.blocks_for(self.max_model_len),
                                 granularity=gran)
-        graphs = None
-        if cuda_graphs and device.type == "cuda":
-            from .cuda_graphs import DecodeGraphs
-            graphs = DecodeGraphs(self.model, self.arena, max_num_seqs)
-        self.step = ModelStep(self.model, self.arena, cfg.eos_token_ids, graphs)
-        config = LoopConfig(memory=memory_policy, predictor=predictor,
-                            token_budget=max_num_batched_tokens, max_running=max_num_seqs,
-                            cap_bytes=self.arena.num_chunks * self.arena.chunk_bytes,
-                            preemption=preemption, planner=planner)
-        self.loop = EngineLoop(self.arena, self.step,
-                               _latency_prior(self.model, kv_cache_memory_bytes), config)
+        try:
+            graphs = None
+            if cuda_graphs and device.type == "cuda":
+                from .cuda_graphs import DecodeGraphs
+                graphs = DecodeGraphs(self.model, self.arena, max_num_seqs)
+            self.step = ModelStep(self.model, self.arena, cfg.eos_token_ids, graphs)
+            self.loop = EngineLoop(self.arena, self.step,
+                                   _latency_prior(self.model, kv_cache_memory_bytes), config)
+        except BaseException:
+            self.arena.close()
+            raise
         self._next_id = 0
 
     # ------------------------------------------------------------------ requests

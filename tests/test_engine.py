@@ -285,5 +285,9 @@ def test_bad_input_is_refused_before_anything_is_queued():
         SamplingParams(max_tokens=0)
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0.0)
-    with pytest.raises(ValueError, match="memory"):
-        LLM(cached_hf("llama"), memory_policy="lazy")
+    for kw, word in [(dict(memory_policy="lazy"), "memory"), (dict(block_size=0), "block_size"),
+                     (dict(max_num_batched_tokens=0), "max_num_batched_tokens"),
+                     (dict(kv_cache_memory_bytes=-1), "kv_cache_memory_bytes"),
+                     (dict(dtype="int8"), "dtype"), (dict(device="mps"), "device")]:
+        with pytest.raises(ValueError, match=word):
+            LLM(cached_hf("llama"), **kw)
