@@ -116,6 +116,8 @@ class LLM:
         self.arena = PagedArena(spec, kv_cache_memory_bytes, device, max_seqs=max_num_seqs,
                                 max_blocks_per_seq=spec.blocks_for(self.max_model_len),
                                 granularity=gran)
+        # whole chunks only: what the arena can really hold for one sequence
+        self.max_model_len = min(self.max_model_len, self.arena.capacity_blocks * block_size)
         try:
             graphs = None
             if cuda_graphs and device.type == "cuda":
