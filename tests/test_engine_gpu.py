@@ -20,6 +20,7 @@ def _generate(graphs: bool, **kw):
 
 
 def test_cuda_graph_decode_matches_eager_and_transformers():
+    pytest.importorskip("transformers")   # lent GPU machines may lack it (CPU CI has it)
     kw = dict(memory_policy="windowed", kv_cache_memory_bytes=64 << 20,
               planner=PlannerConfig(min_decode_steps=1, max_decode_steps=2,
                                     arrival_reserve_s=0.0, shrink_min_blocks=1))
