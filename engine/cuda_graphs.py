@@ -35,7 +35,7 @@ class DecodeGraphs:
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)
         self.qsl = torch.arange(n + 1, dtype=torch.int32, device=dev)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.pool = torch.cuda.graph_pool_handle()
+        self.pool = None   # one memory pool shared by every bucket's graph
 
     def _forward(self, b: int) -> torch.Tensor:
         meta = AttentionMetadata(self.positions[:b], self.slots[:b], self.tables[:b],
@@ -58,13 +58,19 @@ class DecodeGraphs:
         self.seq_lens[n:b].fill_(1)
         self.tables[n:b].copy_(self.tables[:1].expand(b - n, -1))
         if b not in self.graphs:
-            torch.cuda.synchronize()
-            self._forward(b)                           # warm-up: compiles the kernels
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                out = self._forward(b)
-            self.graphs[b] = (graph, out)
+            self.graphs[b] = self.capture(b)
         graph, out = self.graphs[b]
         graph.replay()
         return out[:n]
+
+    def capture(self, b: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """(graph, its logits output) for bucket ``b``, captured on the static buffers."""
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        torch.cuda.synchronize()
+        self._forward(b)                           # warm-up: compiles the kernels
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self._forward(b)
+        return graph, out

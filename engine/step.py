@@ -95,7 +95,7 @@ class ModelStep:
         rows = [i for i, s in enumerate(seqs) if ctx[i] == len(s.token_ids)]
         last = batch.query_start_loc[1:][rows].astype(np.int64) - 1
         with torch.inference_mode():
-            if cuda and meta.decode_only and self.graphs is not None:
+            if meta.decode_only and self.graphs is not None:
                 logits = self.graphs.run(ids, meta)[torch.from_numpy(last).to(self.device)]
             else:
                 hidden = self.model.forward(ids, meta, self.arena.kv_cache)

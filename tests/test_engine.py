@@ -291,3 +291,33 @@ def test_bad_input_is_refused_before_anything_is_queued():
                      (dict(dtype="int8"), "dtype"), (dict(device="mps"), "device")]:
         with pytest.raises(ValueError, match=word):
             LLM(cached_hf("llama"), **kw)
+
+
+def test_decode_graph_buffers_pad_and_bucket_correctly(torch_kernels):
+    """The CUDA-graph path's static buffers, padding rows (slot -1, one token of a mapped
+    block) and buckets, with capture replaced by re-running the forward on those buffers
+    (what a replay does): tokens and logits stay identical. Real capture: test_engine_gpu."""
+    from engine.cuda_graphs import DecodeGraphs
+
+    class Replay:
+        def __init__(self, fn):
+            self.replay = fn
+
+    class EagerGraphs(DecodeGraphs):
+        sizes = []
+
+        def capture(self, b):
+            out = self._forward(b)
+            return Replay(lambda: out.copy_(self._forward(b))), out
+
+        def run(self, ids, meta):
+            self.sizes.append(ids.shape[0])
+            return super().run(ids, meta)
+
+    llm = LLM(cached_hf("llama"), block_size=4, max_num_seqs=6)
+    llm.step.graphs = graphs = EagerGraphs(llm.model, llm.arena, 6)
+    assert graphs.buckets == [1, 2, 4, 6]
+    outs = llm.generate(PROMPTS, [SamplingParams(max_tokens=m, ignore_eos=True,
+                                                 return_logits=True) for m in (2, 6, 3, 6)])
+    assert 3 in graphs.sizes and 4 in graphs.graphs   # 3 sequences padded to bucket 4
+    check_identical("llama", outs, [2, 6, 3, 6])
