@@ -57,7 +57,8 @@ class ModelConfig:
     @property
     def num_params(self) -> int:
         """Weights in all (embeddings and a separate lm_head included)."""
-        h, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        h = self.hidden_size
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         attn = h * (q + 2 * kv) + q * h
         per_layer = attn + 3 * h * self.intermediate_size + 2 * h
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)

@@ -58,7 +58,8 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     if kind == "linear":
         inv = inv / float(s["factor"])
     elif kind == "llama3":
-        factor, lo, hi = float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"])
+        factor = float(s["factor"])
+        lo, hi = float(s["low_freq_factor"]), float(s["high_freq_factor"])
         old = float(s["original_max_position_embeddings"])
         wavelen = 2 * math.pi / inv
         # Long wavelengths are slowed by `factor`, short ones kept; in between, a linear
@@ -111,7 +112,8 @@ class CausalLM:
                            p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
                            p + "mlp.down_proj.weight": (h, f)})
             if c.qkv_bias:
-                shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                shapes.update({p + "self_attn.q_proj.bias": (q,),
+                               p + "self_attn.k_proj.bias": (kv,),
                                p + "self_attn.v_proj.bias": (kv,)})
             if c.o_bias:
                 shapes[p + "self_attn.o_proj.bias"] = (h,)

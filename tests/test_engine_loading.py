@@ -12,7 +12,8 @@ import kernels
 from arena import KVSpec, PagedArena
 from engine import LLM, ModelConfig, SamplingParams, load_model
 from engine.model import AttentionMetadata, CausalLM, rms_norm, rope_inv_freq
-from tests.test_engine import MAX_TOKENS, PROMPTS, reference, tiny_hf, to_dtype, torch_kernels  # noqa: F401
+from tests.test_engine import (MAX_TOKENS, PROMPTS, reference, tiny_hf, to_dtype,  # noqa: F401
+                               torch_kernels)
 
 
 def prefill_in_own_arena(model: CausalLM, prompt: list[int], block_size: int = 4):
@@ -181,7 +182,7 @@ def test_attention_scale_is_passed_explicitly(monkeypatch, torch_kernels):
     for name in ("paged_prefill_attention", "paged_decode_attention"):
         real = getattr(kernels, name)
         monkeypatch.setattr(kernels, name,
-                            lambda *a, _real=real, **k: seen.append(k.get("scale")) or _real(*a, **k))
+                            lambda *a, _f=real, **k: seen.append(k.get("scale")) or _f(*a, **k))
     LLM(tiny_hf("qwen3"), block_size=4).generate([[1, 2, 3]], SamplingParams(max_tokens=2))
     assert seen and all(s == 32 ** -0.5 for s in seen)
 
