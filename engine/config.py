@@ -138,7 +138,10 @@ def _rope(cfg: Any) -> tuple[float, dict]:
     params = dict(params)
     if params and all(isinstance(v, dict) for v in params.values()):   # per layer type (5.x)
         params = dict(params.get("full_attention", {}))
-    theta = params.pop("rope_theta", None) or _get(cfg, "rope_theta") or 10000.0
+    # 4.x keeps the base at the top level (and its models read it there); 5.x inside
+    # rope_parameters, with no top-level attribute.
+    inner = params.pop("rope_theta", None)
+    theta = _get(cfg, "rope_theta") or inner or 10000.0
     rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
     if rope_type not in STATIC_ROPE:
         raise ValueError(f"{field_name}: rope_type {rope_type!r} is not supported (supported: "

@@ -41,9 +41,9 @@ def tiny_hf(family: str = "llama", *, seed: int = 0, tie: bool | None = None, **
                   max_position_embeddings=256, eos_token_id=None, bos_token_id=None,
                   pad_token_id=None)
     if family == "llama":   # llama3 rope scaling that bites at these positions
-        common.update(tie_word_embeddings=False, rope_scaling=dict(
+        common.update(tie_word_embeddings=False, rope_theta=5000.0, rope_scaling=dict(
             rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-            original_max_position_embeddings=32, rope_theta=5000.0))
+            original_max_position_embeddings=32))
         cls, cfg_cls = transformers.LlamaForCausalLM, transformers.LlamaConfig
     elif family == "qwen2":
         common.update(tie_word_embeddings=True)

@@ -121,8 +121,8 @@ def test_llama3_frequencies_equal_transformers():
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    hf = LlamaConfig(**{k: v for k, v in BASE.items() if k != "model_type"},
-                     rope_parameters={"rope_type": "llama3", "rope_theta": 5000.0, **LLAMA3})
+    hf = LlamaConfig(**{k: v for k, v in BASE.items() if k != "model_type"}, rope_theta=5000.0,
+                     rope_scaling={"rope_type": "llama3", **LLAMA3})   # 4.x and 5.x alike
     theirs = ROPE_INIT_FUNCTIONS["llama3"](hf, "cpu")[0]
     ours = rope_inv_freq(ModelConfig.from_hf(hf))
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
@@ -222,7 +222,10 @@ def test_transformers_attention_interface_hosts_our_kernels(torch_kernels):
     AttentionInterface.register("kvarena_paged", paged)
     with torch.no_grad():
         eager = hf(torch.tensor([prompt]), use_cache=False).logits[0]
-        hf.set_attn_implementation("kvarena_paged")
+        if hasattr(hf, "set_attn_implementation"):
+            hf.set_attn_implementation("kvarena_paged")
+        else:   # transformers 4.x before set_attn_implementation
+            hf.config._attn_implementation = "kvarena_paged"
         hosted = hf(torch.tensor([prompt]), use_cache=False).logits[0]
     ours, our_arena, our_ids = prefill_in_own_arena(load_model(hf), prompt)
     scale = eager.abs().max().item()
