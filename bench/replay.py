@@ -506,6 +506,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the replay (see ``--help``); prints the table on stdout and writes
     ``<out>/replay.json``, ``<out>/table.md`` and ``<out>/memory.png``. Returns 0, or 2 on
     bad arguments."""
+    from bench import engine_replay   # `--engine model`: real forward passes (issue 10)
+    if engine_replay.wants_engine(argv):
+        return engine_replay.main(argv)
     parser = _parser()
     args = parser.parse_args(argv)
     try:
