@@ -311,11 +311,13 @@ def cases_compact():
 
     def bench():  # bench/bench_arena.py::compaction_bandwidth
         import kernels
-        from bench.bench_arena import SPEC
-        blocks = torch.empty((4096, *SPEC.block_shape), dtype=SPEC.dtype, device=META)
-        perm = torch.empty(4096, dtype=torch.int64, device=META)
-        table = torch.empty(256, 512, dtype=torch.int32, device=META)
-        for m in (64, 512, 1024):
+        from bench.bench_arena import SPEC, TABLE_SHAPE, compaction_cases
+        # The benchmark's own grid: src/dst are slices of one randperm, so an odd move
+        # count gives dst an 8-byte offset (a different pointer specialisation).
+        for n, m in compaction_cases(gpu=True):
+            blocks = torch.empty((n, *SPEC.block_shape), dtype=SPEC.dtype, device=META)
+            perm = torch.empty(n, dtype=torch.int64, device=META)
+            table = torch.empty(TABLE_SHAPE, dtype=torch.int32, device=META)
             kernels.compact_blocks(blocks, perm[:m], perm[m:2 * m], table)
     yield "bench_arena compaction", bench
 
