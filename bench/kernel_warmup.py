@@ -6,12 +6,13 @@ pays per request. :func:`warm_up_compaction` launches the compaction kernel once
 specialisation a shrink of the arena can produce, on scratch buffers, so the replay's own
 launches hit the JIT's in-memory cache.
 
-Triton specialises each integer argument by class: equal to 1, divisible by 16, or other
-(and pointers by 16-byte alignment, which every torch allocation and the arena's buffer
-have). Of ``compact_blocks``' integer arguments only the number of moves changes between
-shrinks of one arena; the buffer's block count and the table's size are fixed. So the
-scratch buffer and table are sized in the same classes as the arena's, and the kernel is
-launched with 1, 2 and 16 moves.
+Triton specialises an integer argument by class (equal to 1, divisible by 16, or other)
+unless the kernel marks it ``do_not_specialize``, and pointers by 16-byte alignment, which
+every torch allocation and the arena's buffer have. ``compact_blocks`` marks its sizes, so
+today one specialisation serves every shrink of an arena; the warm-up still sizes its
+scratch buffer and table in the arena's classes and launches 1, 2 and 16 moves, so that a
+kernel change that specialises sizes again stays covered (a test checks, through Triton's
+own binder, that every key a shrink can launch is one the warm-up launched).
 """
 from __future__ import annotations
 
