@@ -207,48 +207,6 @@ def build_setup(*, model: str = "llama-3-8b", device: str = "h100-sxm",
 
 
 # ------------------------------------------------------------------------------ one policy
-class _CostLedger:
-    """Wraps the cost model and splits what it charges (seconds) into map, unmap, compact
-    (the copies and launch of a compaction) and swap (preemption traffic to the host).
-
-    With :class:`scheduler.costs.ModeledGPUCost` the split follows its terms exactly (a
-    shrink's unmaps count as unmap); with any other model (measured wall-clock time on a
-    GPU) a whole operation goes to its kind: shrink -> compact, release -> unmap, swap ->
-    swap, resize -> map."""
-
-    def __init__(self, inner) -> None:
-        from scheduler.costs import ModeledGPUCost
-
-        self.inner = inner
-        self.modeled = isinstance(inner, ModeledGPUCost)
-        self.time = {"map": 0.0, "unmap": 0.0, "compact": 0.0, "swap": 0.0}
-
-    def __call__(self, op) -> float:
-        s = float(self.inner(op))
-        t = self.time
-        if self.modeled:
-            m = self.inner
-            parts = {"map": op.chunks_mapped * m.map_s_per_chunk,
-                     "unmap": op.chunks_unmapped * m.unmap_s_per_chunk,
-                     "compact": 2.0 * op.bytes_moved / m.device_bandwidth,
-                     "swap": op.bytes_copied / m.host_bandwidth}
-            # The per-operation overhead goes to what the operation is for.
-            kind = {"shrink": "compact", "release": "unmap", "swap_out": "swap",
-                    "swap_in": "swap"}.get(op.kind, "map")
-            parts[kind] += s - sum(parts.values())
-            for k, v in parts.items():
-                t[k] += v
-        elif op.kind in ("swap_out", "swap_in"):
-            t["swap"] += s
-        elif op.kind == "shrink":
-            t["compact"] += s
-        elif op.kind == "release" or (op.chunks_unmapped and not op.chunks_mapped):
-            t["unmap"] += s
-        else:
-            t["map"] += s
-        return s
-
-
 def remap_tables_only(blocks, src, dst, block_tables=None) -> None:
     """A compaction that rewrites the block tables (every entry ``src[k]`` becomes
     ``dst[k]``) without copying block bytes: the arena's ``compact_fn`` for host replays,
@@ -302,7 +260,6 @@ def run_policy(setup: ReplaySetup, trace: Trace, policy: str, *, progress: bool 
                        max_seqs=setup.max_running,
                        max_blocks_per_seq=spec.blocks_for(longest),
                        compact_fn=remap_tables_only if setup.copy_free_compaction else None)
-    ledger = _CostLedger(setup.cost_model())
     truth = LatencyModel.from_hardware(setup.model, setup.device)
     config = LoopConfig(memory=memory, predictor=pred or "max_tokens",
                         token_budget=setup.token_budget, max_running=setup.max_running,
@@ -311,7 +268,7 @@ def run_policy(setup: ReplaySetup, trace: Trace, policy: str, *, progress: bool 
     wall0 = time.perf_counter()
     loop = EngineLoop(arena, latency_step(truth),
                       LatencyModel.from_hardware(setup.model, setup.device), config,
-                      cost_model=ledger)
+                      cost_model=setup.cost_model())
     n = len(trace)
     reqs = [Request(i, int(p), setup.max_tokens, int(o), float(a)) for i, (a, p, o) in
             enumerate(zip(trace.arrival_s, trace.prompt_tokens, trace.output_tokens))]
@@ -346,9 +303,7 @@ def run_policy(setup: ReplaySetup, trace: Trace, policy: str, *, progress: bool 
     counters.update(
         preemptions=c.preemptions,
         # a lease miss is a misprediction only where leases come from a prediction
-        mispredictions=c.lease_misses if memory == "windowed" else None,
-        time_map_s=ledger.time["map"], time_unmap_s=ledger.time["unmap"],
-        time_compact_s=ledger.time["compact"], time_swap_s=ledger.time["swap"])
+        mispredictions=c.lease_misses if memory == "windowed" else None)
     counters = {k: v for k, v in counters.items() if v is not None}
     all_reqs = [loop.requests[i] for i in range(n)]
     rejected = np.array([bool(r.extra.get("rejected")) for r in all_reqs])

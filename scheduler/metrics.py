@@ -92,6 +92,12 @@ class Counters:
     model_time_s: float = 0.0
     arena_time_s: float = 0.0
     arena_wall_s: float = 0.0
+    # arena_time_s split by what it was spent on (scheduler.costs.COST_PARTS)
+    time_map_s: float = 0.0
+    time_unmap_s: float = 0.0
+    time_compact_s: float = 0.0
+    time_swap_s: float = 0.0
+    time_lease_s: float = 0.0
     plan_wall_s: float = 0.0
 
     @property

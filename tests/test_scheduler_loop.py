@@ -108,7 +108,7 @@ def test_every_policy_finishes_every_request(memory):
     # Everything went back to the pools; on-demand and windowed give it back to the device.
     assert arena.used_blocks == 0
     if memory == "windowed":
-        loop.memory.plan_window()
+        loop.carry_out(loop.memory.plan_window(loop.view))
         assert arena.mapped_blocks == 0
 
 
