@@ -36,7 +36,7 @@ from arena import PagedArena
 
 from .costs import ArenaOp, CostModel
 from .decision import Decision
-from .latency import LatencyModel
+from .latency import LatencyModel, prefill_attn_pairs
 from .memory import MEMORY_POLICIES, PolicySettings
 from .metered import DECODE, PREFILL, Clock, MeteredArena
 from .metrics import (EVENT_END, EVENT_PREEMPT, EVENT_START, EVENT_STEP, EVENT_WINDOW,
@@ -81,8 +81,7 @@ class Batch:
         pre = self.is_prefill
         t = self.num_tokens[pre].astype(np.float64)
         ctx = self.context_lens.astype(np.float64)
-        before = ctx[pre] - t
-        pairs = float(np.dot(t, before) + 0.5 * np.dot(t, t + 1.0))
+        pairs = prefill_attn_pairs(t, ctx[pre] - t)
         dec = ~pre
         return float(t.sum()), pairs, float(dec.sum()), float(ctx[dec].sum())
 

@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from .latency import LatencyModel
+from .latency import LatencyModel, causal_pairs
 from .request import RequestSet
 
 VictimOrder = Callable[[RequestSet, np.ndarray], np.ndarray]
@@ -84,6 +84,6 @@ class PreemptionMode:
             return np.zeros(n, dtype=bool) if self.mode == "recompute" else np.ones(n, bool)
         c = latency.coef
         kv = kv_len.astype(np.float64)
-        recompute_s = c[1] * kv + c[2] * 0.5 * kv * (kv + 1.0)
+        recompute_s = c[1] * kv + c[2] * causal_pairs(kv, 0.0)
         swap_s = 2.0 * blocks.astype(np.float64) * block_bytes / self.host_bandwidth
         return swap_s < recompute_s
