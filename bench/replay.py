@@ -41,11 +41,18 @@ import numpy as np
 
 from arena.block_tables import remap_block_ids
 from bench import report
+from scheduler.memory import MEMORY_POLICIES as _MEMORY_REGISTRY
+from scheduler.policies import PREEMPTION_MODES as _PREEMPTION_REGISTRY
+from scheduler.predictor import PREDICTORS as _PREDICTOR_REGISTRY
 from bench.traces import Trace, load_trace
 
 GIB = 1 << 30
-PREDICTORS = ("max_tokens", "empirical", "oracle")
-ALL_POLICIES = ("static", "on-demand") + tuple(f"windowed:{p}" for p in PREDICTORS)
+# Policy names come from the scheduler's registries (declared once there).
+PREDICTORS = _PREDICTOR_REGISTRY.names
+PREEMPTION_MODES = _PREEMPTION_REGISTRY.names
+#: memory policies run without a predictor, and the one that takes one
+REACTIVE = tuple(n for n in _MEMORY_REGISTRY.names if n != "windowed")
+ALL_POLICIES = REACTIVE + tuple(f"windowed:{p}" for p in PREDICTORS)
 #: Copy bandwidth as a share of peak HBM bandwidth for modeled compaction (a device-to-
 #: device ``copy_`` reaches roughly 75-85% of peak on H100-class HBM; bench._common's
 #: copy_bandwidth measures it on a GPU).
@@ -231,7 +238,7 @@ def parse_policy(name: str) -> tuple[str, str | None]:
     """``"static"`` -> ("static", None); ``"windowed:empirical"`` -> ("windowed",
     "empirical"). Raises ValueError naming ``policy`` for anything else."""
     memory, _, pred = name.partition(":")
-    if memory in ("static", "on-demand") and not pred:
+    if memory in REACTIVE and not pred:
         return memory, None
     if memory == "windowed" and pred in PREDICTORS:
         return memory, pred
@@ -385,7 +392,7 @@ def policies_from_args(policies: Sequence[str] | None,
         for q in p.split(","):
             q = q.strip()
             if q == "all":
-                names = ["static", "on-demand"] + [f"windowed:{x}" for x in preds]
+                names = list(REACTIVE) + [f"windowed:{x}" for x in preds]
             elif q == "windowed":
                 names = [f"windowed:{x}" for x in preds]
             else:

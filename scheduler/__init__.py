@@ -9,7 +9,13 @@ from .latency import DEVICES, MODELS, DeviceSpec, LatencyModel, ModelShape
 from .loop import Batch, EngineLoop, LoopConfig, latency_step
 from .metrics import Counters, Metrics, RequestRecord, Timeline
 from .planner import ArenaState, Demand, Plan, PlannerConfig, WindowPlanner
-from .policies import PreemptionMode, VICTIM_POLICIES
+from .costs import COST_MODELS, CostModel
+from .decision import Decision, QueueView
+from .memory import MEMORY_POLICIES, MemoryPolicy
+from .metered import MeteredArena
+from .planner import PlanLimits
+from .policies import PREEMPTION_MODES, PreemptionMode, VICTIM_ORDERS, VICTIM_POLICIES
+from .registry import Registry
 from .predictor import (EmpiricalPredictor, MaxTokensPredictor, OraclePredictor, PREDICTORS,
                         make_predictor)
 from .request import Phase, Request, RequestSet
@@ -19,4 +25,6 @@ __all__ = ["ArenaOp", "ModeledGPUCost", "wall_clock_cost", "DEVICES", "MODELS", 
            "Counters", "Metrics", "RequestRecord", "Timeline", "ArenaState", "Demand", "Plan",
            "PlannerConfig", "WindowPlanner", "PreemptionMode", "VICTIM_POLICIES",
            "EmpiricalPredictor", "MaxTokensPredictor", "OraclePredictor", "PREDICTORS",
-           "make_predictor", "Phase", "Request", "RequestSet"]
+           "make_predictor", "Phase", "Request", "RequestSet", "COST_MODELS", "CostModel",
+           "Decision", "QueueView", "MEMORY_POLICIES", "MemoryPolicy", "MeteredArena",
+           "PlanLimits", "PREEMPTION_MODES", "VICTIM_ORDERS", "Registry"]

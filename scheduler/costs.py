@@ -19,7 +19,9 @@ A plain callable ``(ArenaOp) -> seconds`` is accepted wherever a cost model is
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
+
+from .registry import Registry
 
 #: The parts a charge is split into: driver map calls, driver unmap calls, compaction
 #: (copies and launch), swap traffic to and from the host, and lease bookkeeping that
@@ -149,14 +151,18 @@ class _CallableCost(CostModel):
         return self.fn(op)
 
 
-def as_cost_model(spec: CostModel | Callable[[ArenaOp], float] | None) -> CostModel:
-    """A :class:`CostModel` from ``None`` (wall clock), a cost model, or a callable
-    ``(ArenaOp) -> seconds``. TypeError otherwise."""
-    if spec is None:
-        return wall_clock_cost
-    if isinstance(spec, CostModel):
-        return spec
-    if callable(spec):
-        return _CallableCost(spec)
-    raise TypeError(f"cost_model must be a CostModel or a callable (ArenaOp) -> seconds, "
-                    f"got {type(spec).__name__}")
+def _adapt(spec: Any) -> CostModel:
+    return spec if isinstance(spec, CostModel) else _CallableCost(spec)
+
+
+#: Cost models by name; a :class:`CostModel` or a callable ``(ArenaOp) -> seconds`` is
+#: accepted (a callable gets the by-kind breakdown).
+COST_MODELS: Registry[CostModel] = Registry(
+    "cost_model", {"wall-clock": WallClockCost, "modeled-gpu": ModeledGPUCost},
+    accepts=callable, adapt=_adapt)
+
+
+def as_cost_model(spec: CostModel | str | Callable[[ArenaOp], float] | None) -> CostModel:
+    """A :class:`CostModel` from ``None`` (wall clock), a name in :data:`COST_MODELS`, a
+    cost model, or a callable ``(ArenaOp) -> seconds``. TypeError otherwise."""
+    return wall_clock_cost if spec is None else COST_MODELS.resolve(spec)

@@ -42,8 +42,8 @@ from .metered import DECODE, PREFILL, Clock, MeteredArena
 from .metrics import (EVENT_END, EVENT_PREEMPT, EVENT_START, EVENT_STEP, EVENT_WINDOW,
                       Metrics, RequestRecord)
 from .planner import PlannerConfig
-from .policies import PreemptionMode, victim_order
-from .predictor import make_predictor
+from .policies import PREEMPTION_MODES, VICTIM_ORDERS
+from .predictor import PREDICTORS
 from .request import Phase, Request, RequestSet
 
 
@@ -144,9 +144,9 @@ class LoopConfig:
     sample_every: int = 1
 
     def __post_init__(self) -> None:
-        if self.memory not in MEMORY_POLICIES:
-            raise ValueError(f"memory must be one of {tuple(MEMORY_POLICIES)}, got "
-                             f"{self.memory!r}")
+        if not isinstance(self.memory, str):
+            raise TypeError(f"memory must be a name, got {type(self.memory).__name__}")
+        MEMORY_POLICIES.check(self.memory)
         for name in ("token_budget", "on_demand_chunks"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
@@ -166,8 +166,11 @@ class LoopConfig:
             raise ValueError(f"oversize must be 'raise' or 'reject', got {self.oversize!r}")
         if self.planner is not None and not isinstance(self.planner, PlannerConfig):
             raise TypeError("planner must be a PlannerConfig or None")
-        victim_order(self.victim)
-        PreemptionMode(self.preemption, host_bandwidth=self.host_bandwidth)
+        VICTIM_ORDERS.check(self.victim)
+        PREDICTORS.check(self.predictor)
+        PREEMPTION_MODES.check(self.preemption)
+        if not self.host_bandwidth > 0:
+            raise ValueError(f"host_bandwidth must be > 0, got {self.host_bandwidth!r}")
 
 
 class EngineLoop:
@@ -206,9 +209,10 @@ class EngineLoop:
         self.spec = arena.spec
         self.step_fn = step_fn
         self.latency = latency
-        self.predictor = make_predictor(cfg.predictor)
-        self.victim = victim_order(cfg.victim)
-        self.preemption = PreemptionMode(cfg.preemption, host_bandwidth=cfg.host_bandwidth)
+        self.predictor = PREDICTORS.resolve(cfg.predictor)
+        self.victim = VICTIM_ORDERS.resolve(cfg.victim)
+        self.preemption = PREEMPTION_MODES.resolve(cfg.preemption,
+                                                   host_bandwidth=cfg.host_bandwidth)
         self.block_size = self.spec.block_size
         self.block_bytes = self.spec.block_bytes
         self.max_running = min(cfg.max_running or arena.tables.max_seqs, arena.tables.max_seqs)
@@ -239,12 +243,13 @@ class EngineLoop:
         self.dirty = True          # something changed that may allow an admission
         #: what memory policies see of the queues (read-only)
         self.view = _LoopView(self)
-        self.memory = MEMORY_POLICIES[cfg.memory](self.metered, PolicySettings(
+        settings = PolicySettings(
             latency=latency, predictor=self.predictor, victim=self.victim,
             preemption=self.preemption, token_budget=cfg.token_budget,
             max_running=self.max_running, max_prefill_tokens=self.max_prefill_tokens,
             watermark_fraction=cfg.watermark_fraction, on_demand_chunks=cfg.on_demand_chunks,
-            static_bytes=cfg.static_bytes, planner=cfg.planner))
+            static_bytes=cfg.static_bytes, planner=cfg.planner)
+        self.memory = MEMORY_POLICIES.resolve(cfg.memory, arena=self.metered, settings=settings)
         self._sample(EVENT_START)
         self.memory.start()
 
@@ -287,7 +292,7 @@ class EngineLoop:
             request.extra["rejected"] = True
             self.requests[request.req_id] = request
             return
-        if getattr(self.predictor, "wants_true_lengths", False):
+        if self.predictor.wants_true_lengths:
             self.predictor.reveal(request.req_id, request.target)
         self.requests[request.req_id] = request
         heapq.heappush(self._pending, (request.arrival_s, self._submitted, request))

@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from .decision import Decision, QueueView
 from .latency import LatencyModel
 from .metered import DECODE, PREFILL, MeteredArena
-from .planner import ArenaState, PlannerConfig, WindowPlanner
+from .planner import ArenaState, PlanLimits, PlannerConfig, WindowPlanner
+from .registry import Registry
 
 # The admission rate that sizes the windowed policy's arrival reserve is measured over
 # this many seconds of the loop's clock: long enough to smooth single arrivals, short
@@ -171,13 +172,16 @@ class WindowedMemory(MemoryPolicy):
     def __init__(self, arena: MeteredArena, settings: PolicySettings) -> None:
         super().__init__(arena, settings)
         s = settings
-        base = s.planner if s.planner is not None else PlannerConfig()
-        self.config = replace(base, block_size=arena.spec.block_size,
-                              block_bytes=arena.block_bytes, token_budget=s.token_budget,
-                              max_running=s.max_running,
-                              max_prefill_tokens=s.max_prefill_tokens,
-                              victim=s.victim, preemption=s.preemption)
-        self.planner = WindowPlanner(s.latency, s.predictor, self.config)
+        # What the loop fixes (block geometry, batch limits, victim order, preemption mode)
+        # reaches the planner as limits; the config holds the planner's own knobs, and a
+        # knob it sets that contradicts the loop is an error, not silently overwritten.
+        self.planner = WindowPlanner(
+            s.latency, s.predictor, s.planner if s.planner is not None else PlannerConfig(),
+            limits=PlanLimits(block_size=arena.spec.block_size, block_bytes=arena.block_bytes,
+                              token_budget=s.token_budget, max_running=s.max_running,
+                              max_prefill_tokens=s.max_prefill_tokens),
+            victim=s.victim, preemption=s.preemption)
+        self.config = self.planner.config
         self.plan = None            # the last plan
         self.window_steps = 0       # the current window's length in steps
         self.steps_in_window = 0
@@ -189,7 +193,7 @@ class WindowedMemory(MemoryPolicy):
         """Prompt blocks prefilled per second (the memory admissions bring in) over about
         the last ``_RATE_HORIZON_S`` seconds of the loop's clock; records a sample."""
         now = view.now
-        blocks = view.prompt_tokens_processed // self.config.block_size
+        blocks = view.prompt_tokens_processed // self.planner.limits.block_size
         hist = self._admitted
         hist.append((now, blocks))
         while len(hist) > 2 and hist[1][0] <= now - _RATE_HORIZON_S:
@@ -244,5 +248,8 @@ class WindowedMemory(MemoryPolicy):
         self.steps_in_window += 1
 
 
-MEMORY_POLICIES = {"static": StaticMemory, "on-demand": OnDemandMemory,
-                   "windowed": WindowedMemory}
+#: Memory policies by name; each is built with ``(arena=MeteredArena,
+#: settings=PolicySettings)``. A :class:`MemoryPolicy` instance is accepted as is.
+MEMORY_POLICIES: Registry[MemoryPolicy] = Registry(
+    "memory", {p.name: p for p in (StaticMemory, OnDemandMemory, WindowedMemory)},
+    accepts=lambda p: isinstance(p, MemoryPolicy))

@@ -36,7 +36,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .latency import LatencyModel, causal_pairs
-from .policies import PreemptionMode, VictimOrder, victim_order
+from .policies import PREEMPTION_MODES, VICTIM_ORDERS, PreemptionMode, VictimOrder
 from .predictor import RemainingPredictor, make_predictor
 from .request import RequestSet
 
@@ -47,38 +47,42 @@ _INF = math.inf
 class PlannerConfig:
     """Knobs of the planner.
 
-    ``block_size`` tokens per block; ``block_bytes`` bytes per block (for the swap cost);
-    ``token_budget`` tokens per model step; ``max_prefill_tokens`` prompt tokens admitted
-    into the prefill batch in flight (a first request is admitted even when larger);
-    ``max_running`` sequences running at once; ``min_decode_steps`` / ``max_decode_steps``
+    Fixed by the engine, None = take the engine's (:class:`PlanLimits`; a value set here
+    must agree with it): ``block_size`` tokens per block; ``block_bytes`` bytes per block
+    (for the swap cost); ``token_budget`` tokens per model step; ``max_prefill_tokens``
+    prompt tokens admitted into the prefill batch in flight (a first request is admitted
+    even when larger); ``max_running`` sequences running at once; ``victim`` the victim
+    order (a name in :data:`~scheduler.policies.VICTIM_ORDERS` or a callable);
+    ``preemption`` a :class:`PreemptionMode` or its mode name.
+
+    The planner's own: ``min_decode_steps`` / ``max_decode_steps``
     bound the decode window; ``margin_fraction`` / ``margin_blocks`` the safety margin;
     ``shrink_min_blocks`` the excess that makes a window end shrink (None: one chunk);
     ``arrival_reserve_s``: seconds of admissions, at the recent admission rate, whose
     blocks a shrink keeps mapped (the *reserve*), so the next window's arrivals find memory
     without a map call — each chunk unmapped at one window end and mapped again at the next
-    costs two driver calls and buys nothing;
-    ``victim`` the victim order (name or callable, see :mod:`scheduler.policies`);
-    ``preemption`` a :class:`PreemptionMode` or its mode name.
+    costs two driver calls and buys nothing.
     """
 
-    block_size: int = 16
-    block_bytes: int = 1
-    token_budget: int = 2048
-    max_prefill_tokens: int = 8192
-    max_running: int = 256
+    block_size: int | None = None
+    block_bytes: int | None = None
+    token_budget: int | None = None
+    max_prefill_tokens: int | None = None
+    max_running: int | None = None
     min_decode_steps: int = 4
     max_decode_steps: int = 256
     margin_fraction: float = 0.02
     margin_blocks: int = 1
     shrink_min_blocks: int | None = None
     arrival_reserve_s: float = 0.25
-    victim: str | VictimOrder = "most-recent"
-    preemption: PreemptionMode | str = "auto"
+    victim: str | VictimOrder | None = None
+    preemption: PreemptionMode | str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("block_size", "block_bytes", "token_budget", "max_prefill_tokens",
-                     "max_running", "min_decode_steps", "max_decode_steps"):
+        for name in LIMIT_FIELDS + ("min_decode_steps", "max_decode_steps"):
             v = getattr(self, name)
+            if v is None and name in LIMIT_FIELDS:
+                continue
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         if self.max_decode_steps < self.min_decode_steps:
@@ -94,11 +98,30 @@ class PlannerConfig:
                              f"{self.arrival_reserve_s!r}")
         if self.shrink_min_blocks is not None and self.shrink_min_blocks < 0:
             raise ValueError(f"shrink_min_blocks must be >= 0, got {self.shrink_min_blocks}")
-        self.victim = victim_order(self.victim)
-        if isinstance(self.preemption, str):
-            self.preemption = PreemptionMode(self.preemption)
-        elif not callable(self.preemption):
-            raise TypeError("preemption must be a PreemptionMode, a mode name or a callable")
+        # Checked here, resolved by the planner (names stay names in the config).
+        if self.victim is not None:
+            VICTIM_ORDERS.check(self.victim)
+        if self.preemption is not None:
+            PREEMPTION_MODES.check(self.preemption)
+
+
+#: PlannerConfig fields the engine fixes (see :class:`PlanLimits`).
+LIMIT_FIELDS = ("block_size", "block_bytes", "token_budget", "max_prefill_tokens",
+                "max_running")
+
+
+@dataclass(frozen=True)
+class PlanLimits:
+    """What the engine fixes and the planner obeys: ``block_size`` tokens per block,
+    ``block_bytes`` bytes per block, ``token_budget`` tokens per step,
+    ``max_prefill_tokens`` prompt tokens in the batch in flight, ``max_running`` sequences.
+    The defaults serve a planner used on its own."""
+
+    block_size: int = 16
+    block_bytes: int = 1
+    token_budget: int = 2048
+    max_prefill_tokens: int = 8192
+    max_running: int = 256
 
 
 @dataclass(frozen=True)
@@ -348,7 +371,10 @@ class WindowPlanner:
     """Plans one window at a time (see the module docstring).
 
     ``latency``: a :class:`~scheduler.latency.LatencyModel`; ``predictor``: a
-    remaining-length predictor or its name; ``config``: a :class:`PlannerConfig`.
+    remaining-length predictor or its name; ``config``: a :class:`PlannerConfig`;
+    ``limits`` (:class:`PlanLimits`), ``victim`` and ``preemption``: what the engine fixes
+    (default: the config's, else the defaults). ValueError when the config sets one of
+    them to something else than the engine's.
 
     :meth:`plan` follows the design's steps, one method each: :meth:`window` (1),
     :meth:`demand` (2), the allocation condition (3, in :meth:`plan`), :meth:`preempt` (4),
@@ -356,14 +382,28 @@ class WindowPlanner:
     """
 
     def __init__(self, latency: LatencyModel, predictor: RemainingPredictor | str = "max_tokens",
-                 config: PlannerConfig | None = None) -> None:
+                 config: PlannerConfig | None = None, *, limits: PlanLimits | None = None,
+                 victim: str | VictimOrder | None = None,
+                 preemption: PreemptionMode | str | None = None) -> None:
         if not isinstance(latency, LatencyModel):
             raise TypeError(f"latency must be a LatencyModel, got {type(latency).__name__}")
         self.latency = latency
         self.predictor = make_predictor(predictor)
-        self.config = config if config is not None else PlannerConfig()
-        if not isinstance(self.config, PlannerConfig):
+        cfg = self.config = config if config is not None else PlannerConfig()
+        if not isinstance(cfg, PlannerConfig):
             raise TypeError(f"config must be a PlannerConfig, got {type(config).__name__}")
+        own = {f: getattr(cfg, f) for f in LIMIT_FIELDS if getattr(cfg, f) is not None}
+        if limits is None:
+            limits = PlanLimits(**own)
+        for f, v in own.items():
+            if v != getattr(limits, f):
+                raise ValueError(f"config.{f}={v} contradicts the engine's {f}="
+                                 f"{getattr(limits, f)}; leave it None")
+        #: the limits in force
+        self.limits = limits
+        self.victim = _agree("victim", cfg.victim, victim, VICTIM_ORDERS, "most-recent")
+        self.preemption = _agree("preemption", cfg.preemption, preemption, PREEMPTION_MODES,
+                                 "auto")
 
     # ------------------------------------------------------------------ 1. window
     def window(self, ps: PrefillSums, n_prefill: int, d: DecodeSet, coef: Coefficients,
@@ -379,7 +419,7 @@ class WindowPlanner:
             step = coef.step + coef.decode_seq * nd + coef.context_token * (d.kv_tokens + nd)
         pre_steps, pre_s, handoff = 0, 0.0, _INF
         if n_prefill:
-            pre_steps = max(1, -(-ps.tokens_left // cfg.token_budget))
+            pre_steps = max(1, -(-ps.tokens_left // self.limits.token_budget))
             pre_s = (pre_steps * step + coef.prompt_token * ps.tokens_left
                      + coef.attn_pair * ps.attn_pairs)
             handoff = pre_steps
@@ -400,7 +440,7 @@ class WindowPlanner:
         set's per-request growth for ``w.k``) and ``incoming`` (:func:`handoff_growth`)
         are computed when None / passed in by the caller, who may reuse them."""
         if growth_each is None:
-            growth_each = (decode_growth(d, w.k, self.config.block_size) if d.n
+            growth_each = (decode_growth(d, w.k, self.limits.block_size) if d.n
                            else d.remaining)
         dec_growth = int(_sum(growth_each)) if d.n else 0
         pre_static = ps.blocks_held if n_prefill else 0
@@ -431,8 +471,7 @@ class WindowPlanner:
         ``admission_rate_blocks_s``: blocks admitted per second lately (sizes the reserve
         a shrink keeps, see :class:`PlannerConfig`).
         """
-        cfg = self.config
-        bs = cfg.block_size
+        bs = self.limits.block_size
         coef = Coefficients(*self.latency.c)
         supply = int(arena.supply_blocks)
         n_pre = prefill.ids.shape[0]
@@ -468,12 +507,11 @@ class WindowPlanner:
         decode requests in victim order (each frees its blocks and its growth) until it
         holds, then the hand-off growth, then the prefill growth. Updates ``dem``; returns
         ``(victim ids, swap flags, shortfall)``."""
-        cfg = self.config
         preempt = np.zeros(0, dtype=np.int64)
         swap = np.zeros(0, dtype=bool)
         deficit = dem.cut_margins(deficit)
         if deficit > 0 and d.n:
-            order = np.asarray(cfg.victim(decode, d.remaining), dtype=np.int64)
+            order = np.asarray(self.victim(decode, d.remaining), dtype=np.int64)
             freed = np.cumsum((decode.blocks + dem.decode_growth_each)[order])
             nv = min(int(np.searchsorted(freed, deficit, side="left")) + 1, d.n)
             victims = order[:nv]
@@ -481,8 +519,9 @@ class WindowPlanner:
             dem.decode_static -= int(decode.blocks[victims].sum())
             dem.decode_growth -= int(dem.decode_growth_each[victims].sum())
             preempt = decode.ids[victims]
-            swap = np.asarray(cfg.preemption(decode.kv_len[victims], decode.blocks[victims],
-                                             cfg.block_bytes, self.latency), dtype=bool)
+            swap = np.asarray(self.preemption(decode.kv_len[victims], decode.blocks[victims],
+                                              self.limits.block_bytes, self.latency),
+                              dtype=bool)
         if deficit > 0 and dem.incoming:
             cut = min(deficit, dem.incoming)
             dem.incoming -= cut
@@ -506,16 +545,16 @@ class WindowPlanner:
         inside the window, plus its margin share; the first entrant of an empty pool pays
         that pool's ``margin_blocks``.
         """
-        cfg = self.config
-        bs = cfg.block_size
-        room = cfg.max_running - d.n - n_prefill
+        cfg, lim = self.config, self.limits
+        bs = lim.block_size
+        room = lim.max_running - d.n - n_prefill
         if room <= 0:
             return 0
         # The token budget of the batch in flight first (an empty batch always takes one):
         # it usually leaves a handful of candidates to price.
         sw = waiting.swapped[:room]
         toks = np.cumsum(np.where(sw, 0, waiting.prefill_len[:room]))
-        n = int(np.searchsorted(toks, cfg.max_prefill_tokens - ps.tokens_left, side="right"))
+        n = int(np.searchsorted(toks, lim.max_prefill_tokens - ps.tokens_left, side="right"))
         if n == 0 and n_prefill == 0:
             n = 1
         if n == 0:
@@ -553,7 +592,7 @@ class WindowPlanner:
         get smaller, so every demand stays within what :meth:`admit` counted. Sums and
         per-request growth of the running sets are reused where k did not change. Returns
         the window, the demands and the size of the joined decode set."""
-        bs = self.config.block_size
+        bs = self.limits.block_size
         new = _take(waiting, admit)
         sw = new.swapped
         if sw.any():
@@ -611,6 +650,23 @@ class WindowPlanner:
                     preempt_ids=preempt, preempt_swap=swap, fits=shortfall == 0,
                     shortfall_blocks=int(shortfall), shrink=shrink,
                     reserve_blocks=reserve, remaining=remaining)
+
+
+def _agree(name, own, engine, registry, default):
+    """The engine's ``name`` policy (else the config's, else ``default``), resolved once;
+    ValueError when the config names a different one than the engine."""
+    if engine is None:
+        return registry.resolve(own if own is not None else default)
+    resolved = registry.resolve(engine)
+    if isinstance(own, str) and isinstance(resolved, PreemptionMode):
+        same = own == resolved.mode
+    elif isinstance(own, str):
+        same = registry.resolve(own) is resolved
+    else:
+        same = own is None or own is resolved
+    if not same:
+        raise ValueError(f"config.{name}={own!r} contradicts the engine's {name}")
+    return resolved
 
 
 def _take(s: RequestSet, n: int) -> RequestSet:
