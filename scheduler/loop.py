@@ -115,10 +115,12 @@ class LoopConfig:
     its reserved range); it is never exceeded. ``static_bytes``: what ``static`` maps at
     start (default ``cap_bytes``). ``on_demand_chunks``: chunks ``on-demand`` grows a lease
     by. ``watermark_fraction``: free share the reactive policies keep when admitting.
-    ``planner``: a :class:`PlannerConfig` for ``windowed`` (its block size, block bytes,
-    token budget, running limit, prefill limit, victim order and preemption mode are set
-    from the loop and this config). ``victim``: victim
-    order name or callable. ``preemption``: "auto", "swap" or "recompute".
+    ``planner``: a :class:`PlannerConfig` for ``windowed`` (the block geometry, token
+    budget, running and prefill limits, victim order and preemption mode come from the loop
+    as :class:`~scheduler.planner.PlanLimits`; leave them None there, a contradicting value
+    is a ValueError). ``predictor``, ``victim``, ``preemption``: names in
+    :data:`~scheduler.predictor.PREDICTORS`, :data:`~scheduler.policies.VICTIM_ORDERS`,
+    :data:`~scheduler.policies.PREEMPTION_MODES` ("auto", "swap", "recompute"), or objects.
     ``host_bandwidth``: bytes/s of the host link (swap cost estimate). ``observe_latency``:
     feed step durations to the latency model. ``oversize``: "raise" (ValueError) or
     "reject" (counted, dropped) for a request whose prompt + max_tokens cannot fit under
