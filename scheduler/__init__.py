@@ -1,8 +1,11 @@
 """The window scheduler: durations, remaining lengths, window plans, and the engine loop.
 
-Layering: the scheduler calls the arena's API only (pools, block tables, shrink, swap);
-it never touches device pointers. See :mod:`scheduler.planner` for the planner (plain data
-in, plain data out) and :mod:`scheduler.loop` for the loop that carries plans out.
+Layering: the scheduler calls the arena's API only (pools, block tables, shrink, swap),
+all of it through :class:`~scheduler.metered.MeteredArena`; it never touches device
+pointers. See :mod:`scheduler.planner` for the planner (plain data in, plain data out),
+:mod:`scheduler.memory` for the memory policies (which return a
+:class:`~scheduler.decision.Decision`), :mod:`scheduler.loop` for the loop that carries
+decisions out, and docs/ARCHITECTURE.md for how they talk.
 """
 from .costs import ArenaOp, ModeledGPUCost, wall_clock_cost
 from .latency import DEVICES, MODELS, DeviceSpec, LatencyModel, ModelShape

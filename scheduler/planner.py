@@ -14,7 +14,8 @@ Given the running prefill and decode sets, the waiting queue (as
   the window: the rest of each prompt for prefill; ``min(k, predicted remaining)``
   generated tokens per decode request, plus the decode growth of prefill requests handed
   off inside the window, bounded by their max_tokens), each rounded up to whole blocks
-  per request, + a margin (``ceil(margin_fraction * (static + growth)) + margin_blocks`` for a non-empty pool);
+  per request, + a margin (``ceil(margin_fraction * (static + growth)) + margin_blocks``
+  for a non-empty pool);
 * **the allocation condition** — ``prefill target + decode target <= supply_blocks`` (what
   the pools may lease in all: their leases plus mapped-free blocks plus what the device
   can still map, under the cap). When it fails, margins go first, then decode requests are

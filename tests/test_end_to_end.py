@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import kernels
-from arena import KVSpec, PagedArena
+from arena import KVSpec
 from kernels.reference import _attend
-from scheduler import EngineLoop, LatencyModel, LoopConfig, ModeledGPUCost, PlannerConfig, Request
+from scheduler import EngineLoop, LatencyModel, LoopConfig, ModeledGPUCost, Request
 from scheduler.request import Phase
 from scheduler.synthetic import SyntheticKVModel
 from tests.scheduler_helpers import LAT, PAGE, OneTokenLeft, make_arena, planner_config

@@ -9,11 +9,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from arena import KVSpec, PagedArena
-from scheduler import EngineLoop, LatencyModel, LoopConfig, ModeledGPUCost, PlannerConfig, Request
+from scheduler import EngineLoop, LatencyModel, LoopConfig, PlannerConfig, Request
 from scheduler.request import Phase
 from scheduler.synthetic import SyntheticKVModel
 from tests.scheduler_helpers import LAT, PAGE, SPEC, make_arena, make_loop, planner_config
-
 
 
 def setup(memory, cap_chunks, preemption, **cfg):

@@ -4,15 +4,15 @@ import math
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from scheduler import (ArenaOp, EngineLoop, LatencyModel, LoopConfig, ModeledGPUCost,
                        PlannerConfig, Request, latency_step)
 from scheduler.request import Phase
-from tests.scheduler_helpers import (LAT, PAGE, SPEC, OneTokenLeft, make_arena, make_loop,
+from tests.scheduler_helpers import (LAT, PAGE, OneTokenLeft, make_arena, make_loop,
                                      run_checked, workload)
+
 
 @pytest.mark.parametrize("memory", ["static", "on-demand", "windowed"])
 def test_every_policy_finishes_every_request(memory):
