@@ -146,8 +146,10 @@ class MeteredArena:
         target = int(target)
         if target == p.lease:
             return
-        if target < p.lease:
-            # Cheap path: a lowering maps nothing, so no arena statistics are needed.
+        a = self.arena
+        if target < p.lease or target - p.lease <= a.mapped_blocks - a.leased_blocks:
+            # Cheap path: a lowering, or a raise inside mapped memory, maps nothing, so no
+            # arena statistics are needed (static's every grow takes it).
             t0 = time.perf_counter()
             p.resize(target)
             self._charge(ArenaOp("lease", time.perf_counter() - t0))
