@@ -257,7 +257,7 @@ class Window(NamedTuple):
     handoff_steps_left: int
 
 
-@dataclass
+@dataclass(slots=True)
 class Demands:
     """Step 2's result, both pools, in blocks (see :class:`Demand`). ``decode_growth_each``:
     each decode request's growth (int64 ``[n]``, the decode set's order); ``incoming``:
