@@ -18,6 +18,20 @@ from ._guard import Guard, guarded
 PAD = -1
 
 
+def remap_block_ids(table: np.ndarray, src: np.ndarray, dst: np.ndarray,
+                    num_blocks: int) -> None:
+    """Rewrite ``table`` (an int32 numpy array of block ids, any shape) in place: every
+    entry equal to ``src[k]`` becomes ``dst[k]``; entries outside ``[0, num_blocks)`` (the
+    -1 padding) are left alone, as the compaction kernel does. ``src``/``dst``: int
+    ``[m]``."""
+    if src.size == 0:
+        return
+    remap = np.arange(num_blocks, dtype=table.dtype)
+    remap[src] = dst
+    valid = (table >= 0) & (table < num_blocks)
+    table[valid] = remap[table[valid]]
+
+
 class BlockTables:
     """Host table (numpy) + device mirror (torch int32) for up to ``max_seqs`` sequences,
     holding block ids in ``[0, num_blocks)``.
@@ -172,7 +186,4 @@ class BlockTables:
         alone. Nothing to do when the host table is the device table (the kernel rewrote it)."""
         if src.size == 0 or self._dirty is None:
             return
-        remap = np.arange(num_blocks, dtype=np.int32)
-        remap[src] = dst
-        valid = (self.host >= 0) & (self.host < num_blocks)
-        self.host[valid] = remap[self.host[valid]]
+        remap_block_ids(self.host, src, dst, num_blocks)

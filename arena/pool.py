@@ -9,18 +9,26 @@ them under ``arena.lock`` when other threads may change them.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .paged_arena import PagedArena
+
+class LeaseBook(Protocol):
+    """What a pool needs from the arena that keeps its books (``PagedArena``). A protocol,
+    not an import, so that ``pool`` and ``paged_arena`` do not import each other."""
+
+    def _owned_by(self, index: int) -> np.ndarray: ...
+    def _resize(self, pool: "Pool", target_blocks: int) -> None: ...
+    def _allocate(self, pool: "Pool", n: int) -> np.ndarray: ...
+    def _free(self, pool: "Pool", block_ids) -> None: ...
+    def _transfer(self, pool: "Pool", block_ids, other: "Pool") -> None: ...
 
 
 class Pool:
     """A lease of blocks. Create through :meth:`PagedArena.pool`."""
 
-    def __init__(self, arena: "PagedArena", name: str, index: int):
+    def __init__(self, arena: LeaseBook, name: str, index: int):
         self._arena = arena
         self.name = name
         self.index = index
@@ -31,7 +39,7 @@ class Pool:
         return f"Pool({self.name!r}, lease={self.lease}, owned={self.num_owned})"
 
     @property
-    def arena(self) -> "PagedArena":
+    def arena(self) -> LeaseBook:
         """The arena this pool leases from."""
         return self._arena
 

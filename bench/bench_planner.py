@@ -21,6 +21,8 @@ model from the llama-3-8b / H100 roofline:
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import statistics
 import time
 
@@ -69,6 +71,18 @@ def make_case(name: str, seed: int = 0):
     supply = held * 4 if name != "preempt" else int(held * 0.8)
     arena = ArenaState(supply, held * 2, 1)
     return planner, (pre, dec, wait, arena), {"now_s": 0.0}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def measure(name: str, *, repeats: int = 2000) -> dict:
@@ -122,10 +136,13 @@ def main(argv=None) -> int:
         best["round_medians_us"] = [r["median_us"] for r in rounds]
         results.append(best)
         print(f"{name:8s} {N_RUNNING} running: median {best['median_us']:7.1f} us per plan "
-              f"(rounds {', '.join(f'{r:.1f}' for r in best['round_medians_us'])})")
+              f"(rounds {', '.join(f'{r:.1f}' for r in best['round_medians_us'])}) "
+              f"on {cpu_model()}")
     from bench._common import write_result
 
-    path = write_result("planner", {"target_us": 100.0, "results": results})
+    # The figures depend on the core: record which, and how busy the machine was.
+    path = write_result("planner", {"target_us": 100.0, "cpu_model": cpu_model(),
+                                    "load_avg_1min": os.getloadavg()[0], "results": results})
     print(f"wrote {path}")
     return 0
 

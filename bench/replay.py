@@ -38,13 +38,21 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from arena.block_tables import remap_block_ids
 from bench import cli_checks, report
 from bench.kernel_warmup import warm_up_compaction
+from scheduler.memory import MEMORY_POLICIES as _MEMORY_REGISTRY
+from scheduler.policies import PREEMPTION_MODES as _PREEMPTION_REGISTRY
+from scheduler.predictor import PREDICTORS as _PREDICTOR_REGISTRY
 from bench.traces import Trace, load_trace
 
 GIB = 1 << 30
-PREDICTORS = ("max_tokens", "empirical", "oracle")
-ALL_POLICIES = ("static", "on-demand") + tuple(f"windowed:{p}" for p in PREDICTORS)
+# Policy names come from the scheduler's registries (declared once there).
+PREDICTORS = _PREDICTOR_REGISTRY.names
+PREEMPTION_MODES = _PREEMPTION_REGISTRY.names
+#: memory policies run without a predictor, and the one that takes one
+REACTIVE = tuple(n for n in _MEMORY_REGISTRY.names if n != "windowed")
+ALL_POLICIES = REACTIVE + tuple(f"windowed:{p}" for p in PREDICTORS)
 #: Copy bandwidth as a share of peak HBM bandwidth for modeled compaction (a device-to-
 #: device ``copy_`` reaches roughly 75-85% of peak on H100-class HBM; bench._common's
 #: copy_bandwidth measures it on a GPU).
@@ -207,48 +215,6 @@ def build_setup(*, model: str = "llama-3-8b", device: str = "h100-sxm",
 
 
 # ------------------------------------------------------------------------------ one policy
-class _CostLedger:
-    """Wraps the cost model and splits what it charges (seconds) into map, unmap, compact
-    (the copies and launch of a compaction) and swap (preemption traffic to the host).
-
-    With :class:`scheduler.costs.ModeledGPUCost` the split follows its terms exactly (a
-    shrink's unmaps count as unmap); with any other model (measured wall-clock time on a
-    GPU) a whole operation goes to its kind: shrink -> compact, release -> unmap, swap ->
-    swap, resize -> map."""
-
-    def __init__(self, inner) -> None:
-        from scheduler.costs import ModeledGPUCost
-
-        self.inner = inner
-        self.modeled = isinstance(inner, ModeledGPUCost)
-        self.time = {"map": 0.0, "unmap": 0.0, "compact": 0.0, "swap": 0.0}
-
-    def __call__(self, op) -> float:
-        s = float(self.inner(op))
-        t = self.time
-        if self.modeled:
-            m = self.inner
-            parts = {"map": op.chunks_mapped * m.map_s_per_chunk,
-                     "unmap": op.chunks_unmapped * m.unmap_s_per_chunk,
-                     "compact": 2.0 * op.bytes_moved / m.device_bandwidth,
-                     "swap": op.bytes_copied / m.host_bandwidth}
-            # The per-operation overhead goes to what the operation is for.
-            kind = {"shrink": "compact", "release": "unmap", "swap_out": "swap",
-                    "swap_in": "swap"}.get(op.kind, "map")
-            parts[kind] += s - sum(parts.values())
-            for k, v in parts.items():
-                t[k] += v
-        elif op.kind in ("swap_out", "swap_in"):
-            t["swap"] += s
-        elif op.kind == "shrink":
-            t["compact"] += s
-        elif op.kind == "release" or (op.chunks_unmapped and not op.chunks_mapped):
-            t["unmap"] += s
-        else:
-            t["map"] += s
-        return s
-
-
 def remap_tables_only(blocks, src, dst, block_tables=None) -> None:
     """A compaction that rewrites the block tables (every entry ``src[k]`` becomes
     ``dst[k]``) without copying block bytes: the arena's ``compact_fn`` for host replays,
@@ -264,19 +230,15 @@ def remap_tables_only(blocks, src, dst, block_tables=None) -> None:
     if block_tables.device.type != "cpu":
         raise ValueError("block_tables must be a CPU tensor (remap_tables_only serves host "
                          "replays; GPU arenas use kernels.compact_blocks)")
-    # numpy on the shared memory: masked assignment is ~100x faster than torch's on CPU.
-    table = block_tables.numpy()
-    remap = np.arange(int(blocks.shape[0]), dtype=table.dtype)
-    remap[src.numpy()] = dst.numpy()
-    valid = table >= 0
-    table[valid] = remap[table[valid]]
+    # The arena's own host remap, on the shared memory of the table.
+    remap_block_ids(block_tables.numpy(), src.numpy(), dst.numpy(), int(blocks.shape[0]))
 
 
 def parse_policy(name: str) -> tuple[str, str | None]:
     """``"static"`` -> ("static", None); ``"windowed:empirical"`` -> ("windowed",
     "empirical"). Raises ValueError naming ``policy`` for anything else."""
     memory, _, pred = name.partition(":")
-    if memory in ("static", "on-demand") and not pred:
+    if memory in REACTIVE and not pred:
         return memory, None
     if memory == "windowed" and pred in PREDICTORS:
         return memory, pred
@@ -304,7 +266,6 @@ def run_policy(setup: ReplaySetup, trace: Trace, policy: str, *, progress: bool 
                        compact_fn=remap_tables_only if setup.copy_free_compaction else None)
     # CUDA: compile the compaction kernel now, so JIT time is not charged to the first shrink.
     warm_up_compaction(arena)
-    ledger = _CostLedger(setup.cost_model())
     truth = LatencyModel.from_hardware(setup.model, setup.device)
     config = LoopConfig(memory=memory, predictor=pred or "max_tokens",
                         token_budget=setup.token_budget, max_running=setup.max_running,
@@ -313,7 +274,7 @@ def run_policy(setup: ReplaySetup, trace: Trace, policy: str, *, progress: bool 
     wall0 = time.perf_counter()
     loop = EngineLoop(arena, latency_step(truth),
                       LatencyModel.from_hardware(setup.model, setup.device), config,
-                      cost_model=ledger)
+                      cost_model=setup.cost_model())
     n = len(trace)
     reqs = [Request(i, int(p), setup.max_tokens, int(o), float(a)) for i, (a, p, o) in
             enumerate(zip(trace.arrival_s, trace.prompt_tokens, trace.output_tokens))]
@@ -348,9 +309,7 @@ def run_policy(setup: ReplaySetup, trace: Trace, policy: str, *, progress: bool 
     counters.update(
         preemptions=c.preemptions,
         # a lease miss is a misprediction only where leases come from a prediction
-        mispredictions=c.lease_misses if memory == "windowed" else None,
-        time_map_s=ledger.time["map"], time_unmap_s=ledger.time["unmap"],
-        time_compact_s=ledger.time["compact"], time_swap_s=ledger.time["swap"])
+        mispredictions=c.lease_misses if memory == "windowed" else None)
     counters = {k: v for k, v in counters.items() if v is not None}
     all_reqs = [loop.requests[i] for i in range(n)]
     rejected = np.array([bool(r.extra.get("rejected")) for r in all_reqs])
@@ -410,7 +369,7 @@ def _parser() -> argparse.ArgumentParser:
                         "are dropped before the replay, counted and reported")
     p.add_argument("--token-budget", type=int, default=2048, help="tokens per model step")
     p.add_argument("--max-running", type=int, default=256, help="sequences running at once")
-    p.add_argument("--preemption", default="auto", choices=("auto", "swap", "recompute"))
+    p.add_argument("--preemption", default="auto", choices=PREEMPTION_MODES)
     p.add_argument("--shrink-min-blocks", type=int, default=None,
                    help="windowed: shrink at a window end only when at least this many blocks "
                         "are mapped beyond the plan (hysteresis; default: the scheduler's, one "
@@ -438,7 +397,7 @@ def policies_from_args(policies: Sequence[str] | None,
         for q in p.split(","):
             q = q.strip()
             if q == "all":
-                names = ["static", "on-demand"] + [f"windowed:{x}" for x in preds]
+                names = list(REACTIVE) + [f"windowed:{x}" for x in preds]
             elif q == "windowed":
                 names = [f"windowed:{x}" for x in preds]
             else:
@@ -580,7 +539,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "shrink_min_blocks": effective.shrink_min_blocks,
                   "arrival_reserve_s": effective.arrival_reserve_s},
         "wall_s": wall,
-        "definitions": report.__doc__,
+        "definitions": report.measures.__doc__,
         "policies": summaries,
         "targets": targets,
         # 400 slices, 0.1 MiB / 1 ms resolution: enough to redraw the plot, small to commit

@@ -1,25 +1,13 @@
-"""The replay's report: metrics per policy from a recorded run, a Markdown table, JSON and a
+"""The replay's report: per-policy summaries of recorded runs, a Markdown table, JSON and a
 PNG of mapped and live KV memory over time.
 
 Input is a :class:`RunRecord` per policy: plain numpy arrays, whatever engine produced them.
-Memory is a step function of simulated time: sample ``i`` holds from ``t_s[i]`` until
-``t_s[i + 1]`` (the last one until ``end_s``), so time averages are exact integrals of the
-step function, not means of samples.
-
-Definitions (all under the replay's latency model, in simulated seconds):
-
-- time-averaged mapped/live bytes: integral of the step function over ``[start_s, end_s]``
-  divided by its length; peak: the largest sample.
-- live bytes are tokens whose K/V are written x bytes per token; allocated (used) bytes are
-  the blocks requests hold, which also counts a prompt's blocks from admission on, before
-  chunked prefill has written them.
-- mapped-to-live ratio, time-averaged: time-averaged mapped / time-averaged live (what the
-  memory target is about); p99: the 99th percentile over time of ``mapped(t) / live(t)``,
-  weighted by duration, over the time when ``live(t) > 0`` (with nothing live the ratio has
-  no meaning; the time spent mapped-but-empty is reported separately).
-- TTFT: first token time - arrival; TPOT: (finish - first token) / (output tokens - 1),
-  over requests with at least two output tokens.
-- throughput: output tokens of finished requests / replayed time (start_s .. end_s).
+Every metric is defined once, in :mod:`scheduler.measures` (time averages of the memory step
+function, mapped/live, TTFT, TPOT, throughput; all in the replay's simulated seconds); this
+module only applies those definitions to a record and renders the results. Live bytes are
+tokens whose K/V are written x bytes per token; allocated (used) bytes are the blocks
+requests hold, which also counts a prompt's blocks from admission on, before chunked
+prefill has written them.
 """
 from __future__ import annotations
 
@@ -31,6 +19,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from scheduler import measures
 
 GIB = float(1 << 30)
 
@@ -102,55 +92,9 @@ class RunRecord:
                              "one length")
 
 
-# ---------------------------------------------------------------------------- step functions
-def _durations(t_s: np.ndarray, end_s: float) -> np.ndarray:
-    """Seconds each sample holds: t[i+1] - t[i], the last until end_s. float64 [k]."""
-    return np.diff(np.append(t_s, max(float(end_s), float(t_s[-1]))))
-
-
-def time_average(t_s: np.ndarray, values: np.ndarray, end_s: float,
-                 start_s: float | None = None) -> float:
-    """Integral of the step function (``values[i]`` on ``[t_s[i], t_s[i+1])``, the last
-    until ``end_s``) over ``[start_s, end_s]``, divided by ``end_s - start_s``.
-
-    Before the first sample the value counts as 0. ``start_s`` defaults to ``t_s[0]``.
-    Returns the last value when the interval has zero length.
-    """
-    t_s = np.asarray(t_s, dtype=np.float64)
-    values = np.asarray(values, dtype=np.float64)
-    start = float(t_s[0]) if start_s is None else float(start_s)
-    span = float(end_s) - start
-    if span <= 0:
-        return float(values[-1])
-    return float(np.dot(_durations(t_s, end_s), values)) / span
-
-
-def time_weighted_quantile(values: np.ndarray, weights: np.ndarray, q: float) -> float:
-    """The ``q``-quantile (0..1) of ``values`` where each value counts for its ``weight``
-    (seconds): the smallest value v with weight(values <= v) >= q * total weight.
-    NaN when the total weight is 0."""
-    if not 0.0 <= q <= 1.0:
-        raise ValueError(f"q must be in [0, 1], got {q!r}")
-    values = np.asarray(values, dtype=np.float64)
-    weights = np.asarray(weights, dtype=np.float64)
-    keep = weights > 0
-    values, weights = values[keep], weights[keep]
-    if values.size == 0:
-        return float("nan")
-    order = np.argsort(values, kind="stable")
-    cum = np.cumsum(weights[order])
-    k = int(np.searchsorted(cum, q * cum[-1] * (1 - 1e-12), side="left"))
-    return float(values[order][min(k, values.size - 1)])
-
-
-def _pct(x: np.ndarray, q: float) -> float | None:
-    x = x[np.isfinite(x)]
-    return float(np.percentile(x, q)) if x.size else None
-
-
-def _mean(x: np.ndarray) -> float | None:
-    x = x[np.isfinite(x)]
-    return float(x.mean()) if x.size else None
+# The definitions, re-exported for readers of this module.
+time_average = measures.time_average
+time_weighted_quantile = measures.time_weighted_quantile
 
 
 # ---------------------------------------------------------------------------- metrics
@@ -159,21 +103,14 @@ def summarize(run: RunRecord) -> dict[str, Any]:
 
     Keys: see :data:`METRIC_ROWS` plus the raw counters, request counts and ``info``.
     """
-    dur = _durations(run.t_s, run.end_s)
+    m = measures
     span = float(run.end_s - run.start_s)
-    mapped_avg = time_average(run.t_s, run.mapped_bytes, run.end_s, run.start_s)
-    live_avg = time_average(run.t_s, run.live_bytes, run.end_s, run.start_s)
-    has_live = run.live_bytes > 0
-    ratio = np.divide(run.mapped_bytes, run.live_bytes, out=np.full_like(run.mapped_bytes, np.nan),
-                      where=has_live)
-    ratio_p99 = time_weighted_quantile(ratio[has_live], dur[has_live], 0.99)
-    idle_mapped_s = float(dur[~has_live & (run.mapped_bytes > 0)].sum())
-
+    mapped_avg = m.time_average(run.t_s, run.mapped_bytes, run.end_s, run.start_s)
+    live_avg = m.time_average(run.t_s, run.live_bytes, run.end_s, run.start_s)
+    ratio_p99 = m.ratio_quantile(run.t_s, run.mapped_bytes, run.live_bytes, run.end_s, 0.99)
     done = np.isfinite(run.finish_s)
-    started = np.isfinite(run.first_token_s)
-    ttft = (run.first_token_s - run.arrival_s)[started]
-    multi = done & started & (run.output_tokens >= 2)
-    tpot = (run.finish_s[multi] - run.first_token_s[multi]) / (run.output_tokens[multi] - 1)
+    ttft = m.ttft_s(run.arrival_s, run.first_token_s)
+    tpot = m.tpot_s(run.first_token_s, run.finish_s, run.output_tokens)
     out_tokens = int(run.output_tokens[done].sum())
 
     c = {k: float(run.counters.get(k, 0)) for k in COUNTER_KEYS}
@@ -189,10 +126,11 @@ def summarize(run: RunRecord) -> dict[str, Any]:
         "live_avg_gib": live_avg / GIB,
         "live_peak_gib": float(run.live_bytes.max()) / GIB,
         "used_avg_gib": None if run.used_bytes is None else
-        time_average(run.t_s, run.used_bytes, run.end_s, run.start_s) / GIB,
-        "mapped_to_live_avg": mapped_avg / live_avg if live_avg > 0 else None,
+        m.time_average(run.t_s, run.used_bytes, run.end_s, run.start_s) / GIB,
+        "mapped_to_live_avg": m.ratio(mapped_avg, live_avg),
         "mapped_to_live_p99": None if math.isnan(ratio_p99) else ratio_p99,
-        "mapped_while_empty_s": idle_mapped_s,
+        "mapped_while_empty_s": m.mapped_while_empty_s(run.t_s, run.mapped_bytes,
+                                                       run.live_bytes, run.end_s),
         "map_calls": int(c["map_calls"]),
         "unmap_calls": int(c["unmap_calls"]),
         "compaction_gib": c["compaction_bytes"] / GIB,
@@ -201,12 +139,15 @@ def summarize(run: RunRecord) -> dict[str, Any]:
         "mispredictions": (int(run.counters["mispredictions"])
                            if run.counters.get("mispredictions") is not None else None),
         "output_tokens": out_tokens,
-        "throughput_tok_s": out_tokens / span if span > 0 else None,
-        "throughput_req_s": int(done.sum()) / span if span > 0 else None,
-        "ttft_mean_s": _mean(ttft), "ttft_p50_s": _pct(ttft, 50), "ttft_p99_s": _pct(ttft, 99),
-        "tpot_mean_s": _mean(tpot), "tpot_p50_s": _pct(tpot, 50), "tpot_p99_s": _pct(tpot, 99),
+        "throughput_tok_s": m.throughput_tok_s(run.output_tokens, run.finish_s, run.start_s,
+                                               run.end_s),
+        "throughput_req_s": m.ratio(int(done.sum()), span),
+        "ttft_mean_s": m.mean(ttft), "ttft_p50_s": m.percentile(ttft, 50),
+        "ttft_p99_s": m.percentile(ttft, 99),
+        "tpot_mean_s": m.mean(tpot), "tpot_p50_s": m.percentile(tpot, 50),
+        "tpot_p99_s": m.percentile(tpot, 99),
         "arena_time_s": arena_time,
-        "arena_time_frac": arena_time / span if span > 0 else None,
+        "arena_time_frac": m.ratio(arena_time, span),
         "counters": c,
         "info": dict(run.info),
     }

@@ -126,12 +126,21 @@ DEVICES: dict[str, DeviceSpec] = {
 }
 
 
+def causal_pairs(num_tokens, context_before):
+    """Causal (query, key) pairs of ``num_tokens`` new tokens after ``context_before``
+    cached ones: query j sees ``context_before + j + 1`` keys, so the pairs are
+    ``num_tokens * (context_before + (num_tokens + 1) / 2)``. The one definition of the
+    formula: ints or numpy arrays (elementwise), returns float / float64."""
+    return num_tokens * (context_before + 0.5 * (num_tokens + 1))
+
+
 def prefill_attn_pairs(num_tokens: np.ndarray, context_before: np.ndarray) -> float:
     """Sum over sequences of the causal (query, key) pairs of a prefill chunk.
 
     ``num_tokens[i]`` new tokens follow ``context_before[i]`` tokens already in the cache;
     query j of the chunk sees ``context_before + j + 1`` keys. Arrays of any int dtype, same
-    shape; returns a float.
+    shape; returns a float: the sum of :func:`causal_pairs`, computed with two dot products
+    (no temporary per sequence).
     """
     t = np.asarray(num_tokens, dtype=np.float64)
     c = np.asarray(context_before, dtype=np.float64)

@@ -11,7 +11,11 @@
   ``Pool.transfer`` (no byte copied); it finishes after ``min(output_tokens, max_tokens)``
   output tokens;
 * memory follows one of three policies (:mod:`scheduler.memory`): ``static``, ``on-demand``
-  or ``windowed`` (the window planner, :mod:`scheduler.planner`);
+  or ``windowed`` (the window planner, :mod:`scheduler.planner`). A policy changes memory
+  only through the loop's :class:`~scheduler.metered.MeteredArena` (where every arena
+  operation is charged to the clock) and reads the queues through a read-only view; what
+  it wants done to requests it returns as a :class:`~scheduler.decision.Decision`, which
+  the loop carries out (:meth:`EngineLoop.carry_out`);
 * a request that needs a block its pool's lease does not cover gets it by growing the lease
   or, failing that, by preempting requests (victim policy; swap to host or recompute).
   Swapped requests come back with identical KV bytes, recomputed ones are re-prefilled.
@@ -28,13 +32,18 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from .costs import ArenaOp, CostModel, wall_clock_cost
-from .latency import LatencyModel
-from .metrics import (EVENT_END, EVENT_MAP, EVENT_PREEMPT, EVENT_START, EVENT_STEP,
-                      EVENT_UNMAP, Metrics, RequestRecord)
+from arena import PagedArena
+
+from .costs import ArenaOp, CostModel
+from .decision import Decision
+from .latency import LatencyModel, prefill_attn_pairs
+from .memory import MEMORY_POLICIES, PolicySettings
+from .metered import DECODE, PREFILL, Clock, MeteredArena
+from .metrics import (EVENT_END, EVENT_PREEMPT, EVENT_START, EVENT_STEP, EVENT_WINDOW,
+                      Metrics, RequestRecord)
 from .planner import PlannerConfig
-from .policies import PreemptionMode, victim_order
-from .predictor import make_predictor
+from .policies import PREEMPTION_MODES, VICTIM_ORDERS
+from .predictor import PREDICTORS
 from .request import Phase, Request, RequestSet
 
 
@@ -72,8 +81,7 @@ class Batch:
         pre = self.is_prefill
         t = self.num_tokens[pre].astype(np.float64)
         ctx = self.context_lens.astype(np.float64)
-        before = ctx[pre] - t
-        pairs = float(np.dot(t, before) + 0.5 * np.dot(t, t + 1.0))
+        pairs = prefill_attn_pairs(t, ctx[pre] - t)
         dec = ~pre
         return float(t.sum()), pairs, float(dec.sum()), float(ctx[dec].sum())
 
@@ -94,9 +102,6 @@ def latency_step(model: LatencyModel) -> ModelStep:
     return step
 
 
-MEMORY_POLICIES = ("static", "on-demand", "windowed")
-
-
 @dataclass
 class LoopConfig:
     """Settings of :class:`EngineLoop`.
@@ -110,10 +115,12 @@ class LoopConfig:
     its reserved range); it is never exceeded. ``static_bytes``: what ``static`` maps at
     start (default ``cap_bytes``). ``on_demand_chunks``: chunks ``on-demand`` grows a lease
     by. ``watermark_fraction``: free share the reactive policies keep when admitting.
-    ``planner``: a :class:`PlannerConfig` for ``windowed`` (its block size, block bytes,
-    token budget, running limit, prefill limit, victim order and preemption mode are set
-    from the loop and this config). ``victim``: victim
-    order name or callable. ``preemption``: "auto", "swap" or "recompute".
+    ``planner``: a :class:`PlannerConfig` for ``windowed`` (the block geometry, token
+    budget, running and prefill limits, victim order and preemption mode come from the loop
+    as :class:`~scheduler.planner.PlanLimits`; leave them None there, a contradicting value
+    is a ValueError). ``predictor``, ``victim``, ``preemption``: names in
+    :data:`~scheduler.predictor.PREDICTORS`, :data:`~scheduler.policies.VICTIM_ORDERS`,
+    :data:`~scheduler.policies.PREEMPTION_MODES` ("auto", "swap", "recompute"), or objects.
     ``host_bandwidth``: bytes/s of the host link (swap cost estimate). ``observe_latency``:
     feed step durations to the latency model. ``oversize``: "raise" (ValueError) or
     "reject" (counted, dropped) for a request whose prompt + max_tokens cannot fit under
@@ -139,8 +146,9 @@ class LoopConfig:
     sample_every: int = 1
 
     def __post_init__(self) -> None:
-        if self.memory not in MEMORY_POLICIES:
-            raise ValueError(f"memory must be one of {MEMORY_POLICIES}, got {self.memory!r}")
+        if not isinstance(self.memory, str):
+            raise TypeError(f"memory must be a name, got {type(self.memory).__name__}")
+        MEMORY_POLICIES.check(self.memory)
         for name in ("token_budget", "on_demand_chunks"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
@@ -160,8 +168,11 @@ class LoopConfig:
             raise ValueError(f"oversize must be 'raise' or 'reject', got {self.oversize!r}")
         if self.planner is not None and not isinstance(self.planner, PlannerConfig):
             raise TypeError("planner must be a PlannerConfig or None")
-        victim_order(self.victim)
-        PreemptionMode(self.preemption, host_bandwidth=self.host_bandwidth)
+        VICTIM_ORDERS.check(self.victim)
+        PREDICTORS.check(self.predictor)
+        PREEMPTION_MODES.check(self.preemption)
+        if not self.host_bandwidth > 0:
+            raise ValueError(f"host_bandwidth must be > 0, got {self.host_bandwidth!r}")
 
 
 class EngineLoop:
@@ -173,16 +184,20 @@ class EngineLoop:
         latency: the :class:`LatencyModel` the planner predicts with (fitted online from
             the durations ``step_fn`` returns when ``config.observe_latency``).
         config: a :class:`LoopConfig`.
-        cost_model: ``(ArenaOp) -> seconds`` charged to the clock per arena operation;
-            default the measured wall-clock time.
+        cost_model: a :class:`~scheduler.costs.CostModel` or ``(ArenaOp) -> seconds``,
+            charged to the clock per arena operation; default the measured wall-clock time.
         start_s: the clock's start (seconds).
+
+    Who owns what: the loop owns the queues, the batches and every request's state (a
+    request's phase changes only in :meth:`_move`); :attr:`metered` (a
+    :class:`~scheduler.metered.MeteredArena`) owns the arena, the pools, the cap and the
+    arena counters; :attr:`memory` (the policy) owns its own window state.
     """
 
     def __init__(self, arena, step_fn: ModelStep, latency: LatencyModel,
-                 config: LoopConfig | None = None, *, cost_model: CostModel | None = None,
+                 config: LoopConfig | None = None, *,
+                 cost_model: CostModel | Callable[[ArenaOp], float] | None = None,
                  start_s: float = 0.0) -> None:
-        from arena import PagedArena
-
         if not isinstance(arena, PagedArena):
             raise TypeError(f"arena must be a PagedArena, got {type(arena).__name__}")
         if not callable(step_fn):
@@ -196,25 +211,26 @@ class EngineLoop:
         self.spec = arena.spec
         self.step_fn = step_fn
         self.latency = latency
-        self.cost_model = cost_model if cost_model is not None else wall_clock_cost
-        self.predictor = make_predictor(cfg.predictor)
-        self.victim = victim_order(cfg.victim)
-        self.preemption = PreemptionMode(cfg.preemption, host_bandwidth=cfg.host_bandwidth)
-        self.pool_prefill = arena.pool("prefill")
-        self.pool_decode = arena.pool("decode")
+        self.predictor = PREDICTORS.resolve(cfg.predictor)
+        self.victim = VICTIM_ORDERS.resolve(cfg.victim)
+        self.preemption = PREEMPTION_MODES.resolve(cfg.preemption,
+                                                   host_bandwidth=cfg.host_bandwidth)
         self.block_size = self.spec.block_size
         self.block_bytes = self.spec.block_bytes
-        bpc = arena.blocks_per_chunk
-        cap = cfg.cap_bytes if cfg.cap_bytes is not None else arena.num_chunks * arena.chunk_bytes
-        #: the most blocks the arena may map (whole chunks under the cap)
-        self.cap_blocks = min(cap // arena.chunk_bytes, arena.num_chunks) * bpc
-        if self.cap_blocks < bpc:
-            raise ValueError(f"cap_bytes={cap} is below one chunk ({arena.chunk_bytes} B)")
-        self.cap_bytes = self.cap_blocks * self.block_bytes
         self.max_running = min(cfg.max_running or arena.tables.max_seqs, arena.tables.max_seqs)
         self.max_prefill_tokens = cfg.max_prefill_tokens or cfg.token_budget
 
-        self.now = float(start_s)
+        self.clock = Clock(start_s)
+        self.metrics = Metrics(start_s=self.now, end_s=self.now,
+                               token_bytes=self.spec.token_bytes)
+        #: every arena operation goes through here (charged to :attr:`clock`)
+        self.metered = MeteredArena(arena, cap_bytes=cfg.cap_bytes, cost_model=cost_model,
+                                    counters=self.metrics.counters, clock=self.clock,
+                                    on_event=self._sample)
+        self.cost_model = self.metered.cost_model
+        #: the pools, for reading (leases and holdings change through :attr:`metered`)
+        self.pool_prefill = self.metered.pools[PREFILL]
+        self.pool_decode = self.metered.pools[DECODE]
         self.requests: dict[int, Request] = {}
         self._pending: list[tuple[float, int, Request]] = []
         self._resume: list[Request] = []        # preempted, sorted by admit_seq
@@ -227,13 +243,36 @@ class EngineLoop:
         self._live_tokens = 0
         self._swapped = 0
         self.dirty = True          # something changed that may allow an admission
-        self.metrics = Metrics(start_s=self.now, end_s=self.now,
-                               token_bytes=self.spec.token_bytes)
-
-        from .memory import make_memory_policy
-        self.memory = make_memory_policy(self)
+        #: what memory policies see of the queues (read-only)
+        self.view = _LoopView(self)
+        settings = PolicySettings(
+            latency=latency, predictor=self.predictor, victim=self.victim,
+            preemption=self.preemption, token_budget=cfg.token_budget,
+            max_running=self.max_running, max_prefill_tokens=self.max_prefill_tokens,
+            watermark_fraction=cfg.watermark_fraction, on_demand_chunks=cfg.on_demand_chunks,
+            static_bytes=cfg.static_bytes, planner=cfg.planner)
+        self.memory = MEMORY_POLICIES.resolve(cfg.memory, arena=self.metered, settings=settings)
         self._sample(EVENT_START)
         self.memory.start()
+
+    @property
+    def now(self) -> float:
+        """The loop's clock (seconds): model steps plus charged arena operations."""
+        return self.clock.now
+
+    @now.setter
+    def now(self, value: float) -> None:
+        self.clock.now = float(value)
+
+    @property
+    def cap_blocks(self) -> int:
+        """The most blocks the arena may map (whole chunks under the cap)."""
+        return self.metered.cap_blocks
+
+    @property
+    def cap_bytes(self) -> int:
+        """:attr:`cap_blocks` in bytes."""
+        return self.metered.cap_bytes
 
     # ------------------------------------------------------------------ submission
     def submit(self, request: Request) -> None:
@@ -251,11 +290,11 @@ class EngineLoop:
                 raise ValueError(f"request {request.req_id}: prompt_tokens + max_tokens "
                                  f"({final + 1}) cannot fit under the memory cap")
             self.metrics.counters.rejected += 1
-            request.phase = Phase.FINISHED
+            self._move(request, Phase.FINISHED)
             request.extra["rejected"] = True
             self.requests[request.req_id] = request
             return
-        if getattr(self.predictor, "wants_true_lengths", False):
+        if self.predictor.wants_true_lengths:
             self.predictor.reveal(request.req_id, request.target)
         self.requests[request.req_id] = request
         heapq.heappush(self._pending, (request.arrival_s, self._submitted, request))
@@ -282,6 +321,14 @@ class EngineLoop:
         in arrival order."""
         return self._resume + self._new[self._new_head:]
 
+    def _waiting_head(self, n: int) -> list[Request]:
+        """The first ``n`` of :meth:`waiting_requests`, without copying the rest."""
+        head = self._resume[:n]
+        if len(head) < n:
+            h = self._new_head
+            head = head + self._new[h:h + n - len(head)]
+        return head
+
     @property
     def num_waiting(self) -> int:
         """Requests in the admission queue (swapped ones included)."""
@@ -294,19 +341,14 @@ class EngineLoop:
 
     def limit_blocks(self) -> int:
         """Blocks the pools could ever lease: the cap, or less where the device cannot map
-        that much (its free memory plus what is mapped now) or the memory policy never
-        maps more (``static``)."""
-        a = self.arena
-        device = (a.mapped_bytes + a.backend.free_bytes()) // a.chunk_bytes * a.blocks_per_chunk
-        limit = min(self.cap_blocks, device)
-        policy_limit = getattr(self.memory, "limit_blocks", None)
-        return min(limit, policy_limit()) if policy_limit is not None else limit
+        that much (its free memory plus what is mapped now); ``static`` lowers the cap to
+        what it maps at start."""
+        return self.metered.limit_blocks()
 
     def supply_blocks(self) -> int:
         """Blocks the two pools may lease in all now: their leases plus mapped-unleased
         blocks plus what the device can still map, under the cap."""
-        a = self.arena
-        return min(self.cap_blocks, a.leased_blocks + a.available_blocks())
+        return self.metered.supply_blocks()
 
     def prefill_tokens_left(self) -> int:
         """Prompt tokens the prefill set has still to process."""
@@ -341,7 +383,12 @@ class EngineLoop:
             self.now = max(self.now, self._pending[0][0])  # idle: jump to the next arrival
             self._arrivals()
         preempted_before = self.metrics.counters.preemptions
-        self.memory.before_step()
+        t0 = time.perf_counter()
+        decision = self.memory.decide(self.view)
+        if decision is not None:
+            if decision.plan is not None:
+                self.metrics.counters.plan_wall_s += time.perf_counter() - t0
+            self.carry_out(decision)
         entries = self._form_batch()
         if not entries:
             if self.metrics.counters.preemptions != preempted_before:
@@ -364,19 +411,77 @@ class EngineLoop:
         c.model_time_s += duration
         c.steps += 1
         self._complete(entries)
-        self.memory.after_step()
+        self.memory.after_step(self.view)
         self.metrics.end_s = self.now
         if self.config.sample_every and c.steps % self.config.sample_every == 0:
             self._sample(EVENT_STEP)
         return True
 
-    # ------------------------------------------------------------------ internals
+    def carry_out(self, decision: Decision) -> None:
+        """Carry out a memory policy's decision, in its documented order: preemptions,
+        lease targets, shrink, admissions; then count the plan and the window."""
+        if not isinstance(decision, Decision):
+            raise TypeError(f"decision must be a Decision, got {type(decision).__name__}")
+        for rid, swap in decision.preempt:
+            self.preempt(self.requests[rid], bool(swap))
+        m = self.metered
+        if decision.targets is not None:
+            m.set_leases(*decision.targets)
+        if decision.shrink:
+            m.shrink(decision.keep_blocks)
+        if decision.fcfs:
+            self._admit_fcfs(decision.watermark_blocks)
+        elif decision.admit > 0:
+            for r in self._waiting_head(decision.admit):
+                if not self.admit(r):
+                    break
+        c = self.metrics.counters
+        if decision.plan is not None:
+            c.plans += 1
+        if decision.window_end:
+            c.windows += 1
+            self._sample(EVENT_WINDOW)
+        self.memory.carried_out(self.view, decision)
+        self.dirty = False
+
+    # ------------------------------------------------------------------ request state
+    def _move(self, r: Request, to: Phase) -> None:
+        """The one place a request's phase changes: it leaves the queue or running set of
+        its phase and enters the one of ``to`` (a request leaving the admission queue must
+        be at its head; ``PENDING`` requests were popped from the arrival heap already)."""
+        frm = r.phase
+        if frm == Phase.PREFILL:
+            del self._prefill[r.req_id]
+        elif frm == Phase.DECODE:
+            del self._decode[r.req_id]
+        elif frm in (Phase.WAITING, Phase.SWAPPED):
+            self._pop_waiting(r)
+            if frm == Phase.SWAPPED:
+                self._swapped -= 1
+        pool = ""
+        if to == Phase.PREFILL:
+            self._prefill[r.req_id] = r
+            pool = PREFILL
+        elif to == Phase.DECODE:
+            self._decode[r.req_id] = r
+            pool = DECODE
+        elif to == Phase.WAITING and r.admit_seq < 0:
+            self._new.append(r)                 # a new arrival
+        elif to in (Phase.WAITING, Phase.SWAPPED):
+            # Back in the queue, before every later admission and every new arrival.
+            i = 0
+            while i < len(self._resume) and self._resume[i].admit_seq < r.admit_seq:
+                i += 1
+            self._resume.insert(i, r)
+            if to == Phase.SWAPPED:
+                self._swapped += 1
+        r.phase = to
+        r.pool = pool
+
     def _arrivals(self) -> None:
         pend = self._pending
         while pend and pend[0][0] <= self.now:
-            r = heapq.heappop(pend)[2]
-            r.phase = Phase.WAITING
-            self._new.append(r)
+            self._move(heapq.heappop(pend)[2], Phase.WAITING)
             self.dirty = True
         if self._new_head > 1024 and self._new_head * 2 > len(self._new):
             del self._new[:self._new_head]
@@ -390,42 +495,55 @@ class EngineLoop:
         else:
             raise ValueError(f"request {r.req_id} is not at the head of the queue")
 
+    def _admit_fcfs(self, watermark: int) -> None:
+        """Admit from the head of the queue while sequences, the prefill token budget and
+        free memory (less ``watermark`` blocks) allow; stop at the first that does not fit."""
+        if not self.num_waiting:
+            return
+        room = self.max_running - len(self._prefill) - len(self._decode)
+        tokens = self.prefill_tokens_left()
+        for r in self.waiting_requests():
+            if room <= 0:
+                break
+            swapped = r.phase == Phase.SWAPPED
+            if swapped:
+                need = int(r.swap_data.shape[0])
+            else:
+                need = self.spec.blocks_for(r.prefill_len)
+                if self._prefill and tokens + r.prefill_len > self.max_prefill_tokens:
+                    break
+            if need + watermark > self.metered.free_blocks() and (self._prefill or self._decode):
+                break
+            if not self.admit(r):
+                break
+            room -= 1
+            if not swapped:
+                tokens += r.prefill_len
+
     def admit(self, r: Request) -> bool:
         """Admit the head of the queue ``r``: a swapped request gets its blocks back (swap-in)
         and decodes; any other starts a prefill with all its prompt blocks allocated. The
         lease comes from the pool, grown by the memory policy if needed (no preemption).
         Returns False (nothing changed) when the memory is not there."""
         swapped = r.phase == Phase.SWAPPED
-        pool = self.pool_decode if swapped else self.pool_prefill
+        pool = DECODE if swapped else PREFILL
         need = int(r.swap_data.shape[0]) if swapped else self.spec.blocks_for(r.prefill_len)
-        free = pool.lease - pool.num_owned
+        free = self.metered.unused_lease(pool)
         if free < need and not self.memory.grow(pool, need - free, admission=True):
             return False
-        self._pop_waiting(r)
+        self._move(r, Phase.DECODE if swapped else Phase.PREFILL)
         if r.admit_seq < 0:
             r.admit_seq = self._next_admit
             self._next_admit += 1
             r.admit_s = self.now
-        ids = pool.allocate(need)
-        self.arena.tables.add(r.req_id)
-        self.arena.tables.append(r.req_id, ids)
+        ids = self.metered.open_sequence(r.req_id, pool, need)
         r.num_blocks = need
         if swapped:
-            data = r.swap_data
-            self._arena_op("swap_in", lambda: self.arena.swap_in(data, ids),
-                           bytes_copied=need * self.block_bytes)
-            self.metrics.counters.swap_in_bytes += need * self.block_bytes
+            self.metered.swap_in(r.swap_data, ids)
             r.swap_data = None
-            r.phase = Phase.DECODE
-            r.pool = "decode"
-            self._decode[r.req_id] = r
             self._live_tokens += r.kv_len
-            self._swapped -= 1
         else:
             r.kv_len = 0
-            r.phase = Phase.PREFILL
-            r.pool = "prefill"
-            self._prefill[r.req_id] = r
         return True
 
     def _form_batch(self) -> list[tuple[Request, int, bool]]:
@@ -439,7 +557,7 @@ class EngineLoop:
             if r.req_id not in self._decode:
                 continue   # preempted for a request scheduled earlier in this step
             need = -(-(r.kv_len + 1) // bs) - r.num_blocks
-            if need > 0 and not self._get_blocks(r, self.pool_decode, need, scheduled):
+            if need > 0 and not self._get_blocks(r, DECODE, need, scheduled):
                 continue
             entries.append((r, 1, False))
             scheduled.add(r.req_id)
@@ -451,22 +569,22 @@ class EngineLoop:
                 continue
             n = min(r.prefill_len - r.kv_len, budget)
             need = -(-(r.kv_len + n) // bs) - r.num_blocks
-            if need > 0 and not self._get_blocks(r, self.pool_prefill, need, scheduled):
+            if need > 0 and not self._get_blocks(r, PREFILL, need, scheduled):
                 continue
             entries.append((r, n, True))
             scheduled.add(r.req_id)
             budget -= n
         return entries
 
-    def _get_blocks(self, r: Request, pool, need: int, scheduled: set[int]) -> bool:
+    def _get_blocks(self, r: Request, pool: str, need: int, scheduled: set[int]) -> bool:
         """Give running request ``r`` ``need`` more blocks from ``pool``: from its lease, by
         growing the lease, or by preempting others (or ``r`` itself). False if ``r`` went."""
         missed = False
+        m = self.metered
         while True:
-            free = pool.lease - pool.num_owned
+            free = m.unused_lease(pool)
             if free >= need:
-                ids = pool.allocate(need)
-                self.arena.tables.append(r.req_id, ids)
+                m.extend_sequence(r.req_id, pool, need)
                 r.num_blocks += need
                 return True
             if not missed:
@@ -498,43 +616,29 @@ class EngineLoop:
         (decode requests, ``swap=True``) or dropped to be recomputed by a new prefill of
         its prompt and every token generated so far; its pool's lease drops by as many
         blocks; it waits at the head of the queue (by admission order)."""
-        if r.phase == Phase.DECODE:
-            pool, running = self.pool_decode, self._decode
-        elif r.phase == Phase.PREFILL:
-            pool, running = self.pool_prefill, self._prefill
+        if r.phase == Phase.PREFILL:
             swap = False   # a half-done prompt is cheaper to redo than to store
-        else:
+        elif r.phase != Phase.DECODE:
             raise ValueError(f"request {r.req_id} is not running (phase {r.phase.name})")
+        pool = r.pool
+        m = self.metered
         c = self.metrics.counters
-        ids = self.arena.tables.remove(r.req_id)
-        n = int(ids.size)
         if swap:
-            r.swap_data = self._arena_op("swap_out", lambda: self.arena.swap_out(ids),
-                                         bytes_copied=n * self.block_bytes)
-            r.phase = Phase.SWAPPED
+            r.swap_data = m.swap_out(m.sequence_blocks(r.req_id))
             c.preemptions_swap += 1
-            c.swap_out_bytes += n * self.block_bytes
-            self._swapped += 1
         else:
             c.preemptions_recompute += 1
             c.recomputed_tokens += r.kv_len
             if r.phase == Phase.DECODE:
                 r.prefill_len = r.prompt_tokens + r.generated
-            r.phase = Phase.WAITING
+        n = int(m.close_sequence(r.req_id, pool).size)
+        m.lower_to(pool, m.lease(pool) - n)
         self._live_tokens -= r.kv_len
         if not swap:
             r.kv_len = 0
-        pool.free(ids)
-        pool.resize(max(pool.num_owned, pool.lease - n))
-        del running[r.req_id]
         r.num_blocks = 0
         r.num_preemptions += 1
-        r.pool = ""
-        # Back in the queue, before every later admission and every new arrival.
-        i = 0
-        while i < len(self._resume) and self._resume[i].admit_seq < r.admit_seq:
-            i += 1
-        self._resume.insert(i, r)
+        self._move(r, Phase.SWAPPED if swap else Phase.WAITING)
         self.dirty = True
         self._sample(EVENT_PREEMPT)
 
@@ -574,75 +678,31 @@ class EngineLoop:
                 if math.isnan(r.first_token_s):
                     r.first_token_s = self.now
                 if r.generated >= r.target:
-                    self._finish(r, self.pool_prefill, self._prefill)
+                    self._finish(r)
                     continue
                 # Hand-off: ownership and lease move, no byte is copied.
-                self.pool_prefill.transfer(self.arena.tables.blocks(r.req_id), self.pool_decode)
-                del self._prefill[r.req_id]
-                self._decode[r.req_id] = r
-                r.phase = Phase.DECODE
-                r.pool = "decode"
+                self.metered.hand_off(r.req_id)
+                self._move(r, Phase.DECODE)
             else:
                 c.decode_tokens += 1
                 r.generated += 1
                 if r.generated >= r.target:
-                    self._finish(r, self.pool_decode, self._decode)
+                    self._finish(r)
 
-    def _finish(self, r: Request, pool, running: dict) -> None:
-        ids = self.arena.tables.remove(r.req_id)
-        pool.free(ids)
+    def _finish(self, r: Request) -> None:
+        pool = r.pool
+        ids = self.metered.close_sequence(r.req_id, pool)
         self.memory.on_free(pool, int(ids.size))
-        del running[r.req_id]
         self._live_tokens -= r.kv_len
         r.num_blocks = 0
-        r.phase = Phase.FINISHED
         r.finish_s = self.now
-        r.pool = ""
+        self._move(r, Phase.FINISHED)
         self.predictor.observe_finished(r.generated, r.max_tokens)
         self.metrics.counters.finished += 1
         self.metrics.requests.append(RequestRecord(
             r.req_id, r.arrival_s, r.admit_s, r.first_token_s, r.finish_s, r.prompt_tokens,
             r.generated, r.num_preemptions))
         self.dirty = True
-
-    # ------------------------------------------------------------------ arena operations
-    def _arena_op(self, kind: str, fn: Callable[[], Any], *, bytes_copied: int = 0) -> Any:
-        """Run an arena call, charge its cost to the clock, record what it mapped."""
-        a = self.arena
-        before = a.stats()
-        t0 = time.perf_counter()
-        try:
-            return fn()
-        finally:
-            wall = time.perf_counter() - t0
-            after = a.stats()
-            op = ArenaOp(kind, wall,
-                         chunks_mapped=after["map_calls"] - before["map_calls"],
-                         chunks_unmapped=after["unmap_calls"] - before["unmap_calls"],
-                         chunk_bytes=a.chunk_bytes,
-                         blocks_moved=after["moves"] - before["moves"],
-                         bytes_moved=after["bytes_moved"] - before["bytes_moved"],
-                         bytes_copied=bytes_copied)
-            cost = float(self.cost_model(op))
-            c = self.metrics.counters
-            c.arena_time_s += cost
-            c.arena_wall_s += wall
-            c.map_calls += op.chunks_mapped
-            c.unmap_calls += op.chunks_unmapped
-            c.compaction_moves += op.blocks_moved
-            c.compaction_bytes += op.bytes_moved
-            self.now += cost
-            if op.chunks_mapped:
-                self._sample(EVENT_MAP)
-            if op.chunks_unmapped:
-                self._sample(EVENT_UNMAP)
-
-    def resize(self, pool, target: int, kind: str = "resize") -> None:
-        """``pool.resize(target)`` as a measured arena operation (may map; raises
-        ArenaOutOfMemory with nothing changed)."""
-        if target == pool.lease:
-            return
-        self._arena_op(kind, lambda: pool.resize(int(target)))
 
     def _sample(self, event: int) -> None:
         a = self.arena
@@ -651,6 +711,68 @@ class EngineLoop:
             self.now, a.mapped_bytes, self.pool_prefill.lease * bb, self.pool_decode.lease * bb,
             a.used_blocks * bb, self._live_tokens * self.spec.token_bytes, len(self._prefill),
             len(self._decode), self.num_waiting - self._swapped, self._swapped, event)
+
+
+class _LoopView:
+    """The loop's queues as memory policies see them (:class:`~scheduler.decision.QueueView`)."""
+
+    __slots__ = ("_loop",)
+
+    def __init__(self, loop: EngineLoop) -> None:
+        self._loop = loop
+
+    @property
+    def now(self) -> float:
+        return self._loop.clock.now
+
+    @property
+    def num_prefill(self) -> int:
+        return len(self._loop._prefill)
+
+    @property
+    def num_decode(self) -> int:
+        return len(self._loop._decode)
+
+    @property
+    def num_waiting(self) -> int:
+        return self._loop.num_waiting
+
+    @property
+    def max_running(self) -> int:
+        return self._loop.max_running
+
+    @property
+    def max_prefill_tokens(self) -> int:
+        return self._loop.max_prefill_tokens
+
+    @property
+    def next_arrival_s(self) -> float:
+        p = self._loop._pending
+        return p[0][0] if p else math.inf
+
+    @property
+    def changed(self) -> bool:
+        return self._loop.dirty
+
+    @property
+    def prompt_tokens_processed(self) -> int:
+        return self._loop.metrics.counters.prefill_tokens
+
+    @property
+    def preemptions(self) -> int:
+        return self._loop.metrics.counters.preemptions
+
+    def prefill_tokens_left(self) -> int:
+        return self._loop.prefill_tokens_left()
+
+    def prefill_set(self) -> RequestSet:
+        return RequestSet.from_requests(self._loop._prefill.values())
+
+    def decode_set(self) -> RequestSet:
+        return RequestSet.from_requests(self._loop._decode.values())
+
+    def waiting_set(self, n: int) -> RequestSet:
+        return RequestSet.from_requests(self._loop._waiting_head(n))
 
 
 def _by_admission(r: Request) -> int:

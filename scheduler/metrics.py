@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from . import measures
+
 #: Why a timeline sample was taken.
 EVENT_WINDOW, EVENT_MAP, EVENT_UNMAP, EVENT_PREEMPT, EVENT_START, EVENT_END, EVENT_STEP = range(7)
 EVENT_NAMES = ("window", "map", "unmap", "preempt", "start", "end", "step")
@@ -92,6 +94,12 @@ class Counters:
     model_time_s: float = 0.0
     arena_time_s: float = 0.0
     arena_wall_s: float = 0.0
+    # arena_time_s split by what it was spent on (scheduler.costs.COST_PARTS)
+    time_map_s: float = 0.0
+    time_unmap_s: float = 0.0
+    time_compact_s: float = 0.0
+    time_swap_s: float = 0.0
+    time_lease_s: float = 0.0
     plan_wall_s: float = 0.0
 
     @property
@@ -121,15 +129,16 @@ class RequestRecord:
 
     @property
     def ttft_s(self) -> float:
-        """Time to first token: first token minus arrival."""
-        return self.first_token_s - self.arrival_s
+        """Time to first token (:func:`scheduler.measures.ttft_s`)."""
+        return float(measures.ttft_s(np.array([self.arrival_s]),
+                                     np.array([self.first_token_s]))[0])
 
     @property
     def tpot_s(self) -> float:
-        """Time per output token after the first (NaN for single-token outputs)."""
-        if self.generated <= 1:
-            return math.nan
-        return (self.finish_s - self.first_token_s) / (self.generated - 1)
+        """Time per output token after the first (:func:`scheduler.measures.tpot_s`; NaN
+        for single-token outputs)."""
+        return float(measures.tpot_s(np.array([self.first_token_s]), np.array([self.finish_s]),
+                                     np.array([self.generated]))[0])
 
 
 @dataclass
@@ -152,23 +161,22 @@ class Metrics:
         recs = self.requests
         f = lambda name: np.asarray([getattr(r, name) for r in recs], dtype=np.float64)
         i = lambda name: np.asarray([getattr(r, name) for r in recs], dtype=np.int64)
-        return dict(req_id=i("req_id"), arrival_s=f("arrival_s"), admit_s=f("admit_s"),
-                    first_token_s=f("first_token_s"), finish_s=f("finish_s"),
-                    ttft_s=f("ttft_s"), tpot_s=f("tpot_s"), prompt_tokens=i("prompt_tokens"),
-                    generated=i("generated"), preemptions=i("preemptions"))
+        first, finish, gen = f("first_token_s"), f("finish_s"), i("generated")
+        arrival = f("arrival_s")
+        return dict(req_id=i("req_id"), arrival_s=arrival, admit_s=f("admit_s"),
+                    first_token_s=first, finish_s=finish,
+                    ttft_s=measures.ttft_s(arrival, first),
+                    tpot_s=measures.tpot_s(first, finish, gen),
+                    prompt_tokens=i("prompt_tokens"), generated=gen,
+                    preemptions=i("preemptions"))
 
     # ------------------------------------------------------------------ memory over time
+    # Every definition lives in scheduler.measures (shared with bench/report.py).
     def time_average(self, name: str = "mapped_bytes") -> float:
-        """Time-weighted mean of a timeline field over ``[start_s, end_s]``: each sample
-        holds until the next one."""
+        """Time-weighted mean of a timeline field over ``[start_s, end_s]``
+        (:func:`scheduler.measures.time_average`)."""
         a = self.timeline.arrays()
-        t, v = a["t_s"], a[name].astype(np.float64)
-        if t.size == 0 or self.end_s <= t[0]:
-            return float(v[-1]) if v.size else 0.0
-        edges = np.append(t, max(self.end_s, t[-1]))
-        dt = np.diff(edges)
-        total = edges[-1] - edges[0]
-        return float(np.dot(v, dt) / total) if total > 0 else float(v[-1])
+        return measures.time_average(a["t_s"], a[name], self.end_s, self.start_s)
 
     def peak(self, name: str = "mapped_bytes") -> int:
         """Largest sampled value of a timeline field."""
@@ -177,23 +185,24 @@ class Metrics:
 
     def mapped_to_live(self) -> float:
         """Time-averaged mapped bytes over time-averaged live bytes (inf if nothing lived)."""
-        live = self.time_average("live_bytes")
-        return self.time_average("mapped_bytes") / live if live > 0 else math.inf
+        r = measures.ratio(self.time_average("mapped_bytes"), self.time_average("live_bytes"))
+        return math.inf if r is None else r
 
     def throughput_tokens_per_s(self) -> float:
-        """Generated tokens of finished requests per second of loop time."""
-        span = self.end_s - self.start_s
-        gen = sum(r.generated for r in self.requests)
-        return gen / span if span > 0 else 0.0
+        """Generated tokens of finished requests per second of loop time
+        (:func:`scheduler.measures.throughput_tok_s`)."""
+        r = self.request_arrays()
+        t = measures.throughput_tok_s(r["generated"], r["finish_s"], self.start_s, self.end_s)
+        return 0.0 if t is None else t
 
     def summary(self) -> dict:
         """A JSON-ready dict: counters, mapped bytes (time average, peak), mapped/live,
-        throughput, TTFT and TPOT medians and p99 (seconds)."""
+        throughput, TTFT and TPOT medians and p99 (seconds; NaN where no request counts)."""
         r = self.request_arrays()
 
         def q(x, p):
-            x = x[np.isfinite(x)]
-            return float(np.quantile(x, p)) if x.size else math.nan
+            v = measures.percentile(x, p)
+            return math.nan if v is None else v
 
         return dict(counters=self.counters.as_dict(), start_s=self.start_s, end_s=self.end_s,
                     mapped_bytes_avg=self.time_average("mapped_bytes"),
@@ -201,5 +210,5 @@ class Metrics:
                     live_bytes_avg=self.time_average("live_bytes"),
                     mapped_to_live=self.mapped_to_live(),
                     throughput_tokens_per_s=self.throughput_tokens_per_s(),
-                    ttft_p50_s=q(r["ttft_s"], 0.5), ttft_p99_s=q(r["ttft_s"], 0.99),
-                    tpot_p50_s=q(r["tpot_s"], 0.5), tpot_p99_s=q(r["tpot_s"], 0.99))
+                    ttft_p50_s=q(r["ttft_s"], 50), ttft_p99_s=q(r["ttft_s"], 99),
+                    tpot_p50_s=q(r["tpot_s"], 50), tpot_p99_s=q(r["tpot_s"], 99))

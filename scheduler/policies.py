@@ -13,7 +13,8 @@ from typing import Callable
 
 import numpy as np
 
-from .latency import LatencyModel
+from .latency import LatencyModel, causal_pairs
+from .registry import Registry
 from .request import RequestSet
 
 VictimOrder = Callable[[RequestSet, np.ndarray], np.ndarray]
@@ -40,18 +41,15 @@ VICTIM_POLICIES: dict[str, VictimOrder] = {
     "longest-remaining": longest_remaining_first,
 }
 
+#: Victim orders by name; a callable ``(decode_set, remaining) -> order`` is accepted as is.
+VICTIM_ORDERS: Registry[VictimOrder] = Registry(
+    "victim policy", {name: (lambda f=f: f) for name, f in VICTIM_POLICIES.items()},
+    accepts=callable)
+
 
 def victim_order(spec: str | VictimOrder) -> VictimOrder:
-    """A victim order from a name in :data:`VICTIM_POLICIES` or a callable."""
-    if isinstance(spec, str):
-        try:
-            return VICTIM_POLICIES[spec]
-        except KeyError:
-            raise ValueError(f"victim policy must be one of {sorted(VICTIM_POLICIES)}, "
-                             f"got {spec!r}") from None
-    if not callable(spec):
-        raise TypeError(f"victim policy must be a name or callable, got {type(spec).__name__}")
-    return spec
+    """A victim order from a name in :data:`VICTIM_ORDERS` or a callable."""
+    return VICTIM_ORDERS.resolve(spec)
 
 
 class PreemptionMode:
@@ -84,6 +82,13 @@ class PreemptionMode:
             return np.zeros(n, dtype=bool) if self.mode == "recompute" else np.ones(n, bool)
         c = latency.coef
         kv = kv_len.astype(np.float64)
-        recompute_s = c[1] * kv + c[2] * 0.5 * kv * (kv + 1.0)
+        recompute_s = c[1] * kv + c[2] * causal_pairs(kv, 0.0)
         swap_s = 2.0 * blocks.astype(np.float64) * block_bytes / self.host_bandwidth
         return swap_s < recompute_s
+
+
+#: Preemption modes by name (keyword ``host_bandwidth`` passed on); a
+#: :class:`PreemptionMode` or any callable of its signature is accepted as is.
+PREEMPTION_MODES: Registry[PreemptionMode] = Registry(
+    "preemption", {m: (lambda m=m, **kw: PreemptionMode(m, **kw)) for m in PreemptionMode.MODES},
+    accepts=callable)

@@ -9,14 +9,20 @@ A predictor is any object with
 * ``observe_finished(generated, max_tokens) -> None`` — called when a request finishes,
   with the tokens it generated in all.
 
-Only :class:`OraclePredictor` ever sees the true output length (it opts in with the class
-attribute ``wants_true_lengths = True``; the loop then calls ``reveal``).
+and optionally (defaults in :class:`PredictorBase`; :data:`PREDICTORS` adds them to an
+object that lacks them)
+
+* ``wants_true_lengths`` (False) and ``reveal(req_id, target)`` — only
+  :class:`OraclePredictor` ever sees the true output length: it opts in, and the loop then
+  reveals each request's target on submission.
 """
 from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+
+from .registry import Registry
 
 
 @runtime_checkable
@@ -29,6 +35,33 @@ class RemainingPredictor(Protocol):
     def observe_finished(self, generated: int, max_tokens: int) -> None: ...
 
 
+class PredictorBase:
+    """Defaults of the optional members (see the module docstring)."""
+
+    name = ""
+    wants_true_lengths = False
+
+    def reveal(self, req_id: int, target: int) -> None:
+        """Told a request's true output length; ignored unless ``wants_true_lengths``."""
+
+    def observe_finished(self, generated: int, max_tokens: int) -> None:
+        """Nothing to learn by default."""
+
+
+class _WithDefaults(PredictorBase):
+    """A predictor object that lacks the optional members, given their defaults."""
+
+    def __init__(self, inner: RemainingPredictor) -> None:
+        self.inner = inner
+        self.name = type(inner).__name__
+
+    def predict(self, ids, generated, max_tokens):
+        return self.inner.predict(ids, generated, max_tokens)
+
+    def observe_finished(self, generated: int, max_tokens: int) -> None:
+        self.inner.observe_finished(generated, max_tokens)
+
+
 def clamp_remaining(pred: np.ndarray, generated: np.ndarray,
                     max_tokens: np.ndarray) -> np.ndarray:
     """Clamp predictions into ``[1, max_tokens - generated]`` (0 when nothing is left).
@@ -39,7 +72,7 @@ def clamp_remaining(pred: np.ndarray, generated: np.ndarray,
     return np.minimum(np.maximum(pred, 1), cap)
 
 
-class MaxTokensPredictor:
+class MaxTokensPredictor(PredictorBase):
     """The safe upper bound: every request runs to ``max_tokens``."""
 
     name = "max_tokens"
@@ -49,11 +82,8 @@ class MaxTokensPredictor:
         """``max_tokens - generated`` (int64 ``[n]``)."""
         return np.maximum(np.asarray(max_tokens, np.int64) - generated, 0)
 
-    def observe_finished(self, generated: int, max_tokens: int) -> None:
-        """Nothing to learn."""
 
-
-class EmpiricalPredictor:
+class EmpiricalPredictor(PredictorBase):
     """A conditional quantile of the output-length distribution, learned online.
 
     Keeps the output lengths of the last ``window`` finished requests. For a request that
@@ -127,7 +157,7 @@ class EmpiricalPredictor:
         return pred
 
 
-class OraclePredictor:
+class OraclePredictor(PredictorBase):
     """The truth, for evaluation: remaining = ``target - generated``.
 
     The loop reveals each request's ``min(output_tokens, max_tokens)`` on submission
@@ -164,21 +194,19 @@ class OraclePredictor:
         target = np.where(target > 0, target, max_tokens)
         return np.maximum(np.minimum(target, max_tokens) - generated, 0)
 
-    def observe_finished(self, generated: int, max_tokens: int) -> None:
-        """Nothing to learn."""
+
+def _with_defaults(p: RemainingPredictor) -> RemainingPredictor:
+    return p if isinstance(p, PredictorBase) else _WithDefaults(p)
 
 
-PREDICTORS = {"max_tokens": MaxTokensPredictor, "empirical": EmpiricalPredictor,
-              "oracle": OraclePredictor}
+#: Predictors by name; an object with ``predict`` and ``observe_finished`` is accepted
+#: (given the optional members' defaults when it lacks them).
+PREDICTORS: Registry[RemainingPredictor] = Registry(
+    "predictor", {"max_tokens": MaxTokensPredictor, "empirical": EmpiricalPredictor,
+                  "oracle": OraclePredictor},
+    accepts=lambda p: isinstance(p, RemainingPredictor), adapt=_with_defaults)
 
 
 def make_predictor(spec) -> RemainingPredictor:
     """A predictor from a name in :data:`PREDICTORS` or an object that already is one."""
-    if isinstance(spec, str):
-        try:
-            return PREDICTORS[spec]()
-        except KeyError:
-            raise ValueError(f"predictor must be one of {sorted(PREDICTORS)}, got {spec!r}")
-    if not (hasattr(spec, "predict") and hasattr(spec, "observe_finished")):
-        raise TypeError("predictor must be a name or have predict() and observe_finished()")
-    return spec
+    return PREDICTORS.resolve(spec)

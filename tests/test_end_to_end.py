@@ -10,13 +10,13 @@ import pytest
 import torch
 
 import kernels
-from arena import KVSpec, PagedArena
+from arena import KVSpec
 from kernels.reference import _attend
-from scheduler import EngineLoop, LatencyModel, LoopConfig, ModeledGPUCost, PlannerConfig, Request
+from scheduler import EngineLoop, LatencyModel, LoopConfig, ModeledGPUCost, Request
 from scheduler.request import Phase
 from scheduler.synthetic import SyntheticKVModel
+from tests.scheduler_helpers import LAT, PAGE, OneTokenLeft, make_arena, planner_config
 
-PAGE = 4096
 NUM_HEADS = 4  # GQA: 2 query heads per KV head
 SPEC = KVSpec(num_layers=1, num_kv_heads=2, head_dim=16, block_size=4, dtype=torch.float16)
 
@@ -61,17 +61,6 @@ class AttendingModel(SyntheticKVModel):
         return duration
 
 
-class OneTokenLeft:
-    """Under-predicts every request's remaining length: the windowed plans admit too much,
-    so mid-window growth must preempt under the tight cap."""
-
-    def predict(self, ids, generated, max_tokens):
-        return np.minimum(1, max_tokens - generated)
-
-    def observe_finished(self, generated, max_tokens):
-        pass
-
-
 # Each workload is tuned to reach one event: compaction moving live blocks, or a
 # preemption by swap, or by recompute (a tight cap with every request arriving at once).
 @pytest.mark.parametrize("cap_chunks, gap_s, out_base, preemption, event", [
@@ -81,15 +70,14 @@ class OneTokenLeft:
 ])
 def test_kernels_read_the_right_blocks_through_shrinks_and_preemptions(
         cap_chunks, gap_s, out_base, preemption, event):
-    arena = PagedArena(SPEC, 32 * PAGE, "cpu", granularity=PAGE, max_seqs=16)
+    arena = make_arena(32, max_seqs=16, spec=SPEC)
     assert arena.blocks_per_chunk == 8  # 512 B blocks: small chunks, so shrinks unmap often
     model = AttendingModel(arena)
-    loop = EngineLoop(arena, model, LatencyModel((1e-3, 1e-6, 1e-9, 1e-5, 1e-8)),
+    loop = EngineLoop(arena, model, LatencyModel(LAT),
                       LoopConfig(memory="windowed", predictor=OneTokenLeft(),
                                  cap_bytes=cap_chunks * PAGE, token_budget=24,
                                  preemption=preemption,
-                                 planner=PlannerConfig(min_decode_steps=2, max_decode_steps=6,
-                                                       arrival_reserve_s=0.0)),
+                                 planner=planner_config(2, 6)),
                       cost_model=ModeledGPUCost())
     reqs = [Request(i, prompt_tokens=5 + 3 * i, max_tokens=20,
                     output_tokens=out_base + (i * 5) % 9, arrival_s=gap_s * i) for i in range(6)]

@@ -347,17 +347,22 @@ def test_cli_on_cuda_uses_the_cuda_backend(tmp_path):
         assert p["mapped_peak_gib"] >= p["mapped_avg_gib"] >= p["live_avg_gib"] > 0
 
 
-def test_cost_ledger_splits_modeled_costs():
-    from bench.replay import _CostLedger
+def test_modeled_cost_breakdown_splits_each_charge_by_part():
     from scheduler.costs import ArenaOp, ModeledGPUCost
 
     m = ModeledGPUCost(map_s_per_chunk=1.0, unmap_s_per_chunk=2.0, device_bandwidth=100.0,
                        host_bandwidth=10.0, op_overhead_s=0.5)
-    led = _CostLedger(m)
-    assert led(ArenaOp("resize", 0.0, chunks_mapped=3, chunk_bytes=1)) == pytest.approx(3.5)
-    assert led(ArenaOp("shrink", 0.0, chunks_unmapped=2, bytes_moved=100)) == pytest.approx(6.5)
-    assert led(ArenaOp("swap_out", 0.0, bytes_copied=50)) == pytest.approx(5.5)
-    assert led.time == pytest.approx({"map": 3.5, "unmap": 4.0, "compact": 2.5, "swap": 5.5})
+    total = {"map": 0.0, "unmap": 0.0, "compact": 0.0, "swap": 0.0}
+    for op, cost in ((ArenaOp("resize", 0.0, chunks_mapped=3, chunk_bytes=1), 3.5),
+                     (ArenaOp("shrink", 0.0, chunks_unmapped=2, bytes_moved=100), 6.5),
+                     (ArenaOp("swap_out", 0.0, bytes_copied=50), 5.5)):
+        assert m(op) == pytest.approx(cost)
+        parts = m.breakdown(op, m(op))
+        assert sum(parts.values()) == pytest.approx(cost)
+        for k, v in parts.items():
+            total[k] += v
+    # the shrink's unmaps count as unmap, its overhead as compaction
+    assert total == pytest.approx({"map": 3.5, "unmap": 4.0, "compact": 2.5, "swap": 5.5})
 
 
 def test_check_targets():

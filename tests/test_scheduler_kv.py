@@ -9,25 +9,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from arena import KVSpec, PagedArena
-from scheduler import EngineLoop, LatencyModel, LoopConfig, ModeledGPUCost, PlannerConfig, Request
+from scheduler import EngineLoop, LatencyModel, LoopConfig, PlannerConfig, Request
 from scheduler.request import Phase
 from scheduler.synthetic import SyntheticKVModel
-
-PAGE = 4096
-SPEC = KVSpec(2, 2, 16, block_size=4, dtype=torch.float16)   # 1 KiB blocks, 4 a chunk
-LAT = (1e-3, 1e-6, 1e-9, 1e-5, 1e-8)
+from tests.scheduler_helpers import LAT, PAGE, SPEC, make_arena, make_loop, planner_config
 
 
 def setup(memory, cap_chunks, preemption, **cfg):
-    arena = PagedArena(SPEC, 32 * PAGE, "cpu", granularity=PAGE, max_seqs=16)
+    arena = make_arena(32, max_seqs=16)
     model = SyntheticKVModel(arena, 1e-3)
-    # No arrival reserve: on a millisecond clock it would keep everything mapped.
-    cfg.setdefault("planner", PlannerConfig(min_decode_steps=2, max_decode_steps=8,
-                                            arrival_reserve_s=0.0))
-    loop = EngineLoop(arena, model, LatencyModel(LAT),
-                      LoopConfig(memory=memory, cap_bytes=cap_chunks * PAGE, token_budget=32,
-                                 preemption=preemption, **cfg),
-                      cost_model=ModeledGPUCost())
+    cfg.setdefault("planner", planner_config(2, 8))
+    loop = make_loop(arena, model, memory=memory, cap_bytes=cap_chunks * PAGE,
+                     preemption=preemption, **cfg)
     return arena, model, loop
 
 

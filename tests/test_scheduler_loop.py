@@ -4,79 +4,14 @@ import math
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from arena import KVSpec, PagedArena
 from scheduler import (ArenaOp, EngineLoop, LatencyModel, LoopConfig, ModeledGPUCost,
                        PlannerConfig, Request, latency_step)
 from scheduler.request import Phase
-
-PAGE = 4096
-# 2 layers x K,V x 2 heads x 16 x 2 B = 256 B a token; 4-token blocks of 1 KiB: 4 a chunk.
-SPEC = KVSpec(2, 2, 16, block_size=4, dtype=torch.float16)
-LAT = (1e-3, 1e-6, 1e-9, 1e-5, 1e-8)
-
-
-def make_arena(chunks=64, max_seqs=64, device_chunks=None):
-    limit = None if device_chunks is None else device_chunks * PAGE
-    return PagedArena(SPEC, chunks * PAGE, "cpu", granularity=PAGE, max_seqs=max_seqs,
-                      device_limit_bytes=limit)
-
-
-def make_loop(arena, step=None, **cfg):
-    cfg.setdefault("token_budget", 32)
-    # No arrival reserve: these tests check shrink mechanics on millisecond clocks, where
-    # half a second of admissions is the whole workload (the reserve has its own tests).
-    cfg.setdefault("planner", PlannerConfig(min_decode_steps=2, max_decode_steps=16,
-                                            arrival_reserve_s=0.0))
-    return EngineLoop(arena, step or (lambda batch: 1e-3), LatencyModel(LAT),
-                      LoopConfig(**cfg), cost_model=ModeledGPUCost())
-
-
-def workload(n, seed, max_prompt=40, max_out=40, gap=2e-3):
-    rng = np.random.default_rng(seed)
-    return [Request(i, int(rng.integers(1, max_prompt)), int(rng.integers(1, max_out)),
-                    int(rng.integers(1, max_out)), arrival_s=float(i * gap * rng.random()))
-            for i in range(n)]
-
-
-def check_invariants(loop, reqs):
-    """Every request in exactly one place; pools within leases; mapped within the cap."""
-    a = loop.arena
-    assert a.mapped_blocks <= loop.cap_blocks
-    assert a.mapped_bytes <= loop.cap_bytes
-    assert a.leased_blocks <= a.mapped_blocks
-    pre, dec, wait = loop.prefill_requests, loop.decode_requests, loop.waiting_requests()
-    for pool, running in ((loop.pool_prefill, pre), (loop.pool_decode, dec)):
-        assert pool.num_owned <= pool.lease
-        assert sum(r.num_blocks for r in running) == pool.num_owned
-    where = {}
-    for name, group in (("prefill", pre), ("decode", dec), ("wait", wait)):
-        for r in group:
-            assert r.req_id not in where, f"request {r.req_id} is in two places"
-            where[r.req_id] = name
-    for r in reqs:
-        if r.req_id in where:
-            if where[r.req_id] != "wait":
-                assert len(a.tables.blocks(r.req_id)) == r.num_blocks
-                assert r.num_blocks >= SPEC.blocks_for(r.kv_len)
-                assert r.generated < r.target
-            else:
-                assert r.phase in (Phase.WAITING, Phase.SWAPPED)
-        else:
-            assert r.phase in (Phase.PENDING, Phase.FINISHED), r
-
-
-def run_checked(loop, reqs, max_steps=20_000):
-    for _ in range(max_steps):
-        if loop.idle:
-            break
-        loop.step()
-        check_invariants(loop, reqs)
-    assert loop.idle
-    return loop.run()
+from tests.scheduler_helpers import (LAT, PAGE, OneTokenLeft, make_arena, make_loop,
+                                     run_checked, workload)
 
 
 @pytest.mark.parametrize("memory", ["static", "on-demand", "windowed"])
@@ -108,7 +43,7 @@ def test_every_policy_finishes_every_request(memory):
     # Everything went back to the pools; on-demand and windowed give it back to the device.
     assert arena.used_blocks == 0
     if memory == "windowed":
-        loop.memory.plan_window()
+        loop.carry_out(loop.memory.plan_window(loop.view))
         assert arena.mapped_blocks == 0
 
 
@@ -141,19 +76,9 @@ def test_a_device_limit_below_the_cap_is_respected(memory):
         assert m.counters.preemptions_recompute > 0
 
 
-class Underestimate:
-    """Predicts one token left for everyone: every window is too small."""
-
-    def predict(self, ids, generated, max_tokens):
-        return np.minimum(1, max_tokens - generated)
-
-    def observe_finished(self, generated, max_tokens):
-        pass
-
-
 def test_mispredictions_are_counted_and_served_by_emergency_grows():
     arena = make_arena()
-    loop = make_loop(arena, memory="windowed", predictor=Underestimate(),
+    loop = make_loop(arena, memory="windowed", predictor=OneTokenLeft(),
                      planner=PlannerConfig(min_decode_steps=8, max_decode_steps=8,
                                            margin_blocks=0, margin_fraction=0.0))
     reqs = [Request(i, 3, 30, 30) for i in range(4)]
@@ -302,7 +227,7 @@ def test_random_workloads_keep_the_invariants(memory, predictor, preemption, cap
                                               budget, reqs):
     arena = make_arena(chunks=16, max_seqs=16)
     # "under" mispredicts every window: emergency grows, and preemptions when they fail.
-    pred = Underestimate() if predictor == "under" else predictor
+    pred = OneTokenLeft() if predictor == "under" else predictor
     loop = make_loop(arena, memory=memory, predictor=pred, preemption=preemption,
                      cap_bytes=cap_chunks * PAGE, token_budget=budget, oversize="reject")
     rs = [Request(i, p, m, o, arrival_s=t) for i, (p, m, o, t) in enumerate(reqs)]
@@ -367,7 +292,7 @@ def test_arrival_reserve_saves_map_calls_under_a_steady_stream():
     fewer chunks unmapped and mapped again, and every request still finishes."""
     counts = {}
     for reserve_s in (0.0, 0.02):
-        arena = PagedArena(SPEC, 64 * PAGE, "cpu", granularity=PAGE, max_seqs=32)
+        arena = make_arena(64, max_seqs=32)
         loop = make_loop(arena, memory="windowed", predictor="oracle", cap_bytes=32 * PAGE,
                          planner=PlannerConfig(min_decode_steps=2, max_decode_steps=16,
                                                arrival_reserve_s=reserve_s))

@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scheduler.latency import LatencyModel
-from scheduler.planner import ArenaState, PlannerConfig, WindowPlanner
+from scheduler.planner import (ArenaState, PlannerConfig, WindowPlanner, decode_growth,
+                               decode_set, handoff_growth, prefill_sums)
 from scheduler.predictor import MaxTokensPredictor, OraclePredictor
 from scheduler.request import Request, RequestSet
 
@@ -221,7 +222,7 @@ def _brute_decode_growth(kv, blocks, rem, k, bs):
 
 
 @settings(max_examples=80, deadline=None)
-@given(data=st.data(), nd=st.integers(0, 40), npre=st.integers(0, 6), nw=st.integers(0, 6),
+@given(data=st.data(), nd=st.integers(0, 40), npre=st.integers(0, 14), nw=st.integers(0, 12),
        supply=st.integers(0, 600), margin=st.sampled_from([0.0, 0.1]),
        victim=st.sampled_from(["most-recent", "most-blocks", "longest-remaining"]))
 def test_plan_properties(data, nd, npre, nw, supply, margin, victim):
@@ -295,3 +296,41 @@ def test_plan_properties(data, nd, npre, nw, supply, margin, victim):
     if npre == 0 and nw:
         want_admit = max(want_admit, 1)
     assert big.admit == min(want_admit, nw)
+
+
+def _brute_pairs(new, before):
+    """Causal pairs counted one query at a time: query j sees before + j + 1 keys."""
+    return sum(before + j + 1 for j in range(new))
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), n=st.integers(0, 30), bs=st.sampled_from([1, 4, 16]),
+       steps=st.integers(-2, 40))
+def test_set_sums_agree_with_brute_force_on_both_paths(data, n, bs, steps):
+    """Sets of up to 8 requests are summed in Python, larger ones with numpy: both must
+    give what counting request by request gives."""
+    plen = data.draw(st.lists(st.integers(1, 200), min_size=n, max_size=n))
+    kv = [data.draw(st.integers(0, p - 1)) for p in plen]
+    held = [data.draw(st.integers(0, -(-p // bs))) for p in plen]
+    gen = data.draw(st.lists(st.integers(0, 5), min_size=n, max_size=n))
+    maxt = [g + data.draw(st.integers(1, 60)) for g in gen]
+    pre = RequestSet.from_arrays(ids=np.arange(n), kv_len=kv, prefill_len=plen, generated=gen,
+                                 max_tokens=maxt, blocks=held)
+    s = prefill_sums(pre, bs)
+    assert s.tokens_left == sum(p - k for p, k in zip(plen, kv))
+    assert s.attn_pairs == pytest.approx(sum(_brute_pairs(p - k, k) for p, k in zip(plen, kv)))
+    assert s.blocks_held == sum(held)
+    assert s.blocks_to_come == sum(max(-(-p // bs) - b, 0) for p, b in zip(plen, held))
+    want = 0
+    if steps > 0:
+        for p, m, g in zip(plen, maxt, gen):
+            after = min(max(m - g - 1, 0), steps)      # tokens decoded after the hand-off
+            want += -(-(p + after) // bs) - (-(-p // bs))
+    assert handoff_growth(pre, steps, bs) == want
+    # Decode growth over k steps, per request.
+    rem = np.array(data.draw(st.lists(st.integers(0, 80), min_size=n, max_size=n)), np.int64)
+    dec = RequestSet.from_arrays(ids=np.arange(n), kv_len=plen, block_size=bs)
+    k = max(steps, 0)
+    got = decode_growth(decode_set(dec, rem), k, bs)
+    assert got.tolist() == [max(-(-(p + min(r, k)) // bs) - (-(-p // bs)), 0)
+                            for p, r in zip(plen, rem.tolist())]
