@@ -20,18 +20,19 @@
 # 7 minutes: with a machine start of 1-2 minutes that leaves a 15-minute lease room for a
 # rerun. Each step's elapsed time is printed and recorded.
 # Expected cold on an H100/H200: about 4 to 5 minutes (220-290 s). Method: the Triton
-# compiles were counted and timed on CPU for sm_90 through the JIT's own binder
-# (scripts/gpu_check_estimate.py: a stand-in driver with an sm_90 target, the benchmarks'
-# real launchers over their real grids with meta tensors, a cold cache, triton 3.9) on a
-# 2-core Xeon at 2.3 GHz shared with other jobs (2026-12-01; the range is quiet vs busy):
+# compiles were counted and timed on CPU for sm_90 through the JIT's own binder (a stand-in
+# driver with an sm_90 target, the benchmarks' and GPU tests' real launchers over their real
+# grids with meta tensors, a cold cache; scripts/aot_compile.py does exactly this and prints
+# each specialisation's compile time) on a 2-core Xeon at 2.3 GHz shared with other jobs
+# (2026-12-01; ranges are quiet vs busy, triton 3.9):
 #   bench_decode      18 specialisations (6 decode + 12 merge)   19-49 s
 #   bench_prefill      4 specialisations                          15-22 s
 #   decode GPU tests  24 more specialisations                     45 s (busy)
-#   bench_arena        3 (moves 1 / few / 16k); compact_blocks did not compile at the time
-#                      of counting (issue 8 section 1), ~0.5 s each expected
-# The prefill GPU tests (~11 cases x ~4 s) and write_kv (6 x ~0.5 s) were counted by hand.
-# Test files run as parallel processes, so that step costs its slowest file: ~45-60 s of
-# compiles plus ~15 s of imports and CUDA start. Non-compile time per benchmark shape: inputs
+#   bench_arena        2 (aligned and 8-byte-offset move lists)   ~1 s
+# All kernels, all GPU tests and benchmarks: 65 specialisations, 127 s (3.9) / 169 s (3.6,
+# the GPU image's triton) of single-process compile on that CPU; the test files run as
+# parallel processes, so that step costs its slowest file: ~45-60 s of compiles plus ~15 s
+# of imports and CUDA start. Non-compile time per benchmark shape: inputs
 # plus, for ours and the baseline each, 50 ms eager events + 30 host-timed calls + 10 graph
 # replays of ~20 ms: ~1.1 s; decode 32 shapes ~35 s, prefill 6 ~8 s, arena ~10 s;
 # FlexAttention 2 torch.compile runs of ~20-40 s. Sum: versions ~10 s + tests 60-90 +
