@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import ArenaOutOfMemory
+from .errors import ArenaOutOfMemory, ChunkReleaseFailed
 from .memory import DeviceMemory
 
 
@@ -136,11 +136,24 @@ class _Reservation:
     def __init__(self, runtime: CudaRuntime, index: int, base: int, nbytes: int):
         self.runtime, self.index, self.base, self.nbytes = runtime, index, int(base), nbytes
         self.chunks: dict[int, tuple[int, object]] = {}
+        self.unreleased: list[object] = []   # handles unmapped whose release failed
 
     def unmap(self, offset: int, nbytes: int, handle) -> None:
+        """Unmap one chunk and release its allocation. Raises ChunkReleaseFailed when the
+        range was unmapped but the release failed (the handle is kept for :meth:`free`)."""
         driver = self.runtime.driver
         _check(driver, driver.cuMemUnmap(self.base + offset, nbytes), "cuMemUnmap")
-        _check(driver, driver.cuMemRelease(handle), "cuMemRelease")
+        try:
+            _check(driver, driver.cuMemRelease(handle), "cuMemRelease")
+        except Exception as exc:
+            self.unreleased.append(handle)
+            raise ChunkReleaseFailed(f"chunk at offset {offset} unmapped, but {exc}") from exc
+
+    def _release_leftovers(self) -> None:
+        driver = self.runtime.driver
+        while self.unreleased:
+            _check(driver, driver.cuMemRelease(self.unreleased[-1]), "cuMemRelease")
+            self.unreleased.pop()
 
     def free(self) -> None:
         """Unmap what is left and free the range (once)."""
@@ -149,8 +162,13 @@ class _Reservation:
         if self.chunks:
             self.runtime.wait_queued(self.index)
             for offset, (nbytes, handle) in list(self.chunks.items()):
-                self.unmap(offset, nbytes, handle)
+                try:
+                    self.unmap(offset, nbytes, handle)
+                except ChunkReleaseFailed:
+                    del self.chunks[offset]
+                    raise
                 del self.chunks[offset]
+        self._release_leftovers()
         driver = self.runtime.driver
         base, self.base = self.base, None
         _check(driver, driver.cuMemAddressFree(base, self.nbytes), "cuMemAddressFree")

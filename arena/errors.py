@@ -21,3 +21,10 @@ class ArenaOutOfMemory(ArenaError):
         super().__init__(f"{message} (requested {requested_bytes} B, free {free_bytes} B)")
         self.requested_bytes = int(requested_bytes)
         self.free_bytes = int(free_bytes)
+
+
+class ChunkReleaseFailed(ArenaError):
+    """A chunk's virtual range was unmapped but returning its physical memory failed.
+
+    The chunk counts as unmapped (nothing reaches it through the arena any more); the
+    backend keeps the handle and tries to release it again when it is closed."""

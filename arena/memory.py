@@ -27,7 +27,7 @@ import torch
 
 from ._checks import as_int
 from ._guard import ArenaClosed
-from .errors import ArenaOutOfMemory
+from .errors import ArenaOutOfMemory, ChunkReleaseFailed
 
 MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)  # Python 3.11's mmap module lacks it
 GPU_GRANULARITY = 2 << 20  # cuMemGetAllocationGranularity on current NVIDIA GPUs
@@ -149,7 +149,13 @@ class DeviceMemory(ABC):
             return
         self._wait_for_device()
         for offset, nbytes in ranges:
-            self._unmap_chunk(offset, nbytes, self._chunks[offset][1])
+            try:
+                self._unmap_chunk(offset, nbytes, self._chunks[offset][1])
+            except ChunkReleaseFailed:
+                # The range is unmapped already: the books must say so before re-raising.
+                del self._chunks[offset]
+                self._mapped -= nbytes
+                raise
             del self._chunks[offset]
             self._mapped -= nbytes
 

@@ -300,8 +300,10 @@ class PagedArena:
     def _unmap_chunks(self, chunks: np.ndarray) -> None:
         t0 = time.perf_counter()
         try:
+            # Highest first: if the device fails part-way, what stays mapped is still a run
+            # from the bottom, so chunk 0 (every kernel's base pointer) is the last to go.
             self._mem.unmap_many([(c * self.chunk_bytes, self.chunk_bytes)
-                                  for c in chunks.tolist()])
+                                  for c in sorted(chunks.tolist(), reverse=True)])
         finally:
             # On a device error part-way, record exactly the chunks the backend did unmap.
             gone = chunks[[not self._mem.is_mapped(c * self.chunk_bytes) for c in chunks.tolist()]]
@@ -555,6 +557,8 @@ class PagedArena:
         with self._guard.lock:
             if self._guard.closed:
                 return
+            # Close the memory first: if the device fails, the arena stays open and usable
+            # (and close() can be called again) rather than closed with chunks still mapped.
+            self._mem.close()
             self._guard.closed = True
             self._blocks = None
-            self._mem.close()

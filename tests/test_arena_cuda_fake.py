@@ -104,11 +104,20 @@ def test_an_unmap_failure_part_way_keeps_the_books_true(step):
     mem, d, _ = backend()
     for c in range(3):
         mem.map(c * G, G)
+    (base,) = d.reservations  # the one reserved range
     d.fail(step, after=1)  # the second chunk fails
-    with pytest.raises(RuntimeError, match=step):
+    with pytest.raises(Exception, match=step):
         mem.unmap_many([(0, G), (G, G), (2 * G, G)])
-    assert not mem.is_mapped(0) and mem.is_mapped(G) and mem.is_mapped(2 * G)
-    assert mem.mapped_bytes == 2 * G
+    # The books agree with the driver: a failed cuMemUnmap leaves the chunk mapped; a failed
+    # cuMemRelease comes after the range was unmapped, so the chunk counts as unmapped.
+    for c in range(3):
+        assert mem.is_mapped(c * G) == (base + c * G in d.mappings), (step, c)
+    second_mapped = step == "cuMemUnmap"
+    assert mem.is_mapped(G) == second_mapped and mem.is_mapped(2 * G)
+    assert mem.mapped_bytes == (2 if second_mapped else 1) * G
+    # Nothing is stuck: the rest unmaps, close succeeds and every allocation is released.
+    mem.close()
+    assert d.mappings == {} and d.allocations == {}
 
 
 def test_limit_and_device_free_memory_clamp_free_bytes():
@@ -292,3 +301,36 @@ def test_default_runtime_without_cuda_is_a_clear_error():
     from arena.cuda_memory import CudaRuntime
     with pytest.raises(ValueError, match="no CUDA device is available"):
         CudaMemory(8 * G, device="cuda:0", runtime=CudaRuntime())
+
+
+@pytest.mark.parametrize("how", ["shrink", "release_free_chunks"])
+def test_a_failed_unmap_never_leaves_chunk_0_unmapped_under_mapped_chunks(how):
+    """Chunks go highest first, so a device failure part-way leaves a run from chunk 0."""
+    d = FakeDriver(granularity=G)
+    a = PagedArena(tiny_spec(), 8 * G, backend=CudaMemory(8 * G, runtime=FakeRuntime(d)),
+                   compact_fn=compact_blocks_ref)
+    bpc = a.blocks_per_chunk
+    p = a.pool("p")
+    p.resize(3 * bpc)
+    p.resize(0)
+    d.fail("cuMemUnmap", after=1)  # the second unmap of the batch fails
+    with pytest.raises(Exception, match="cuMemUnmap"):
+        a.shrink() if how == "shrink" else a.release_free_chunks()
+    mapped = [a._mem.is_mapped(c * a.chunk_bytes) for c in range(a.num_chunks)]
+    assert mapped[0], mapped
+    assert mapped == sorted(mapped, reverse=True), mapped   # a run from the bottom
+    check_invariants(a)
+    a.close()
+
+
+def test_a_failed_close_leaves_the_arena_open_and_can_be_retried():
+    d = FakeDriver(granularity=G)
+    a = PagedArena(tiny_spec(), 8 * G, backend=CudaMemory(8 * G, runtime=FakeRuntime(d)),
+                   compact_fn=compact_blocks_ref)
+    a.pool("p").resize(2 * a.blocks_per_chunk)
+    d.fail("cuMemUnmap", after=1)
+    with pytest.raises(Exception, match="cuMemUnmap"):
+        a.close()
+    assert not a.closed
+    a.close()
+    assert a.closed and d.mappings == {}
