@@ -131,7 +131,8 @@ def _launch(blocks, src, dst, table) -> None:
     num_blocks = blocks.shape[0]
     block_bytes = blocks[0].numel() * blocks.element_size()
     flat = blocks.view(-1)
-    if block_bytes % 4 == 0:
+    # 32-bit words when both the block size and the buffer's start allow it, else bytes.
+    if block_bytes % 4 == 0 and (flat.storage_offset() * flat.element_size()) % 4 == 0:
         words = flat.view(torch.uint8).view(torch.int32)
         words_per_block = block_bytes // 4
     else:

@@ -164,8 +164,10 @@ def _prefill_kernel(q_ptr, kv_ptr, table_ptr, seq_lens_ptr, qsl_ptr, out_ptr,
 
     q_hi = tl.minimum(q_lo + BLOCK_Q, q_len)
     kv_end = ctx + q_hi  # keys past this are above the diagonal for every row
-    # Keys below ctx + q_lo + 1 are visible to every row of the tile: no mask needed.
-    unmasked_end = ((ctx + q_lo + 1) // BLOCK_N) * BLOCK_N
+    # Keys below ctx + q_lo + 1 are visible to every row of the tile: no mask needed. The
+    # clamp changes nothing for valid inputs; for a bad query_start_loc on CUDA (q_lo past
+    # q_len) it keeps the unmasked loop's table reads inside the sequence's blocks.
+    unmasked_end = tl.minimum(((ctx + q_lo + 1) // BLOCK_N) * BLOCK_N, kv_end)
     table_row_ptr = table_ptr + seq64 * stride_bt
     kv_head_off = kv_head.to(tl.int64) * stride_kh
     acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, kv_ptr, table_row_ptr, stride_btc,

@@ -102,3 +102,16 @@ def test_kernel_ignores_bad_ids_that_only_cuda_lets_through(monkeypatch):
     assert torch.equal(blocks[0], before[7])          # the good move happened
     assert torch.equal(blocks[1:], before[1:])        # the bad ones touched nothing
     assert table.tolist() == [0, 6, 5, 1]
+
+
+def test_a_buffer_starting_off_a_word_boundary_copies_bytes():
+    """A contiguous buffer whose start is 2 bytes past a 4-byte boundary cannot be viewed as
+    32-bit words; the copy falls back to bytes instead of raising an unlabelled error."""
+    blocks = torch.arange(99, dtype=torch.float16)[1:].view(49, 2)   # 4-byte blocks
+    want = blocks.clone()
+    src, dst = torch.tensor([40, 41]), torch.tensor([1, 2])
+    table = torch.tensor([[40, 3, 41]], dtype=torch.int32)
+    want_table = table.clone()
+    compact_blocks_ref(want, src, dst, want_table)
+    kernels.compact_blocks(blocks, src, dst, table)
+    assert torch.equal(blocks, want) and torch.equal(table, want_table)
