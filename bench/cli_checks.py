@@ -25,7 +25,7 @@ MAX_TABLE_BYTES = 256 << 20          # int32 block table, max_running x blocks p
 DEFAULT_MAX_MODEL_LEN = 1 << 18      # 256 Ki tokens: longer than every shipped trace's rows
 
 
-def _number(name: str, value, lo: float, hi: float, *, lo_open: bool = False) -> None:
+def check_number(name: str, value, lo: float, hi: float, *, lo_open: bool = False) -> None:
     """ValueError naming ``name`` unless ``value`` is a finite number in [lo, hi] (or
     (lo, hi] with ``lo_open``)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -37,7 +37,7 @@ def _number(name: str, value, lo: float, hi: float, *, lo_open: bool = False) ->
                          f"got {value!r}")
 
 
-def _count(name: str, value, hi: int) -> None:
+def check_count(name: str, value, hi: int) -> None:
     """ValueError naming ``name`` unless ``value`` is an int in [1, hi]."""
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= hi:
         raise ValueError(f"{name} must be an integer in [1, {hi}], got {value!r}")
@@ -56,17 +56,17 @@ def check_replay_numbers(*, device_memory_gib: float | None, activation_reserve_
     :data:`MAX_TABLE_BYTES`. Raises ValueError naming the first bad option.
     """
     if device_memory_gib is not None:
-        _number("--device-memory-gib", device_memory_gib, 0, MAX_DEVICE_MEMORY_GIB,
+        check_number("--device-memory-gib", device_memory_gib, 0, MAX_DEVICE_MEMORY_GIB,
                 lo_open=True)
-    _number("--activation-reserve-gib", activation_reserve_gib, 0, MAX_DEVICE_MEMORY_GIB)
-    _number("--memory-utilization", memory_utilization, 0, 1, lo_open=True)
-    _count("--block-size", block_size, MAX_BLOCK_SIZE)
-    _count("--max-model-len", max_model_len, MAX_MODEL_LEN)
-    _count("--max-tokens", max_tokens, max_model_len)
-    _count("--token-budget", token_budget, MAX_TOKEN_BUDGET)
-    _count("--max-running", max_running, MAX_RUNNING)
+    check_number("--activation-reserve-gib", activation_reserve_gib, 0, MAX_DEVICE_MEMORY_GIB)
+    check_number("--memory-utilization", memory_utilization, 0, 1, lo_open=True)
+    check_count("--block-size", block_size, MAX_BLOCK_SIZE)
+    check_count("--max-model-len", max_model_len, MAX_MODEL_LEN)
+    check_count("--max-tokens", max_tokens, max_model_len)
+    check_count("--token-budget", token_budget, MAX_TOKEN_BUDGET)
+    check_count("--max-running", max_running, MAX_RUNNING)
     if arrival_reserve_s is not None:
-        _number("--arrival-reserve-s", arrival_reserve_s, 0, 24 * 3600)
+        check_number("--arrival-reserve-s", arrival_reserve_s, 0, 24 * 3600)
     if shrink_min_blocks is not None and (isinstance(shrink_min_blocks, bool) or
                                           not isinstance(shrink_min_blocks, int) or
                                           shrink_min_blocks < 0):

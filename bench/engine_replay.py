@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -118,29 +117,53 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from engine import load_model
 
+    from bench import cli_checks
+    from scheduler.predictor import PREDICTORS
+
     parser = _parser()
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    cpu = device == "cpu"
     policies = args.policy or ["static", "on-demand", "windowed:empirical"]
     try:
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            dev = torch.device(device)
+        except RuntimeError:
+            raise ValueError(f"--device must be cpu or cuda[:N], got {device!r}") from None
+        if dev.type not in ("cpu", "cuda") or (dev.type == "cuda"
+                                                and not torch.cuda.is_available()):
+            raise ValueError(f"--device must be cpu, or cuda on a machine with CUDA; "
+                             f"got {device!r}")
+        cpu = dev.type == "cpu"
         for pol in policies:
             mem, _, pred = pol.partition(":")
             if mem not in ("static", "on-demand", "windowed") or (pred and mem != "windowed"):
                 raise ValueError(f"--policy must be static, on-demand or windowed[:predictor], "
                                  f"got {pol!r}")
-        trace = load_trace(args.trace)
+            if pred and pred not in PREDICTORS.names:
+                raise ValueError(f"--policy {pol!r}: the predictor must be one of "
+                                 f"{', '.join(PREDICTORS.names)}")
         for name in ("max_requests", "max_prompt_tokens", "max_output_tokens", "max_tokens"):
             v = getattr(args, name)
-            if v is not None and v < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+            if v is not None:
+                cli_checks.check_count(f"--{name.replace('_', '-')}", v, cli_checks.MAX_MODEL_LEN)
+        cli_checks.check_count("--block-size", args.block_size, cli_checks.MAX_BLOCK_SIZE)
+        cli_checks.check_count("--max-num-seqs", args.max_num_seqs, cli_checks.MAX_RUNNING)
+        cli_checks.check_count("--max-num-batched-tokens", args.max_num_batched_tokens,
+                          cli_checks.MAX_TOKEN_BUDGET)
+        if args.seed < 0:
+            raise ValueError(f"--seed must be >= 0, got {args.seed}")
+        if args.kv_cache_gib is None:
+            args.kv_cache_gib = 1 / 64 if cpu else 40.0
+        cli_checks.check_number("--kv-cache-gib", args.kv_cache_gib, 0,
+                           cli_checks.MAX_DEVICE_MEMORY_GIB, lo_open=True)
+        out = cli_checks.check_out_dir(args.out)
+        trace = load_trace(args.trace)
         trace = trace.head(args.max_requests or (8 if cpu else 200))
         clip_p = args.max_prompt_tokens or (256 if cpu else None)
         clip_o = args.max_output_tokens or (32 if cpu else None)
         trace = Trace(trace.name, trace.source, trace.arrival_s,
                       np.minimum(trace.prompt_tokens, clip_p or np.iinfo(np.int64).max),
                       np.minimum(trace.output_tokens, clip_o or np.iinfo(np.int64).max))
-        args.kv_cache_gib = args.kv_cache_gib or (1 / 64 if cpu else 40.0)
         model = load_model(f"{args.model or ('tiny-llama' if cpu else 'llama-3-8b')}:random",
                            dtype=args.dtype, device=device, seed=args.seed)
     except (ValueError, TypeError) as exc:
@@ -156,16 +179,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{args.max_num_seqs} seqs, {args.max_num_batched_tokens} tokens per step"]
     if not args.quiet:
         print("\n".join(head), file=sys.stderr)
-    runs = [run_policy(model, trace, p, args) for p in policies]
+    try:  # the engine and arena check what is left (e.g. a KV cap below one block)
+        runs = [run_policy(model, trace, p, args) for p in policies]
+    except (ValueError, TypeError) as exc:
+        parser.error(str(exc))
     summaries = [report.summarize(r) for r in runs]
     table = report.markdown_table(summaries)
     from bench._common import environment
-    out = Path(args.out)
-    report.write_json(out / "replay.json", {
-        "environment": environment(device), "command": "kv-replay " + " ".join(
-            sys.argv[1:] if argv is None else argv), "setup": head,
-        "trace": trace.describe(), "policies": summaries})
     text = "\n".join(f"- {h}" for h in head) + "\n\n" + table + "\n"
-    (out / "table.md").write_text(text)
+    result = {"environment": environment(device), "command": "kv-replay " + " ".join(
+        sys.argv[1:] if argv is None else argv), "setup": head, "trace": trace.describe(),
+        "policies": summaries}
+    cli_checks.write_all_or_nothing(out, {
+        "replay.json": lambda p: report.write_json(p, result),
+        "table.md": lambda p: p.write_text(text)})
     print(text)
     return 0

@@ -28,7 +28,11 @@ def test_kv_replay_with_the_real_engine(tmp_path, torch_kernels, capsys):
 
 
 def test_kv_replay_engine_rejects_bad_arguments(tmp_path):
-    for bad in (["--policy", "lazy"], ["--model", "gpt-9"], ["--max-requests", "0"]):
+    for bad in (["--policy", "lazy"], ["--model", "gpt-9"], ["--max-requests", "0"],
+                ["--kv-cache-gib", "-1"], ["--kv-cache-gib", "nan"], ["--kv-cache-gib", "0"],
+                ["--kv-cache-gib", "1e-6"], ["--block-size", "0"], ["--max-num-seqs", "0"],
+                ["--max-num-batched-tokens", "0"], ["--seed", "-1"],
+                ["--policy", "windowed:foo"], ["--device", "bogus"]):
         with pytest.raises(SystemExit) as e:
             replay.main(["--engine", "model", "--out", str(tmp_path), "--quiet", *bad])
         assert e.value.code == 2
@@ -43,3 +47,11 @@ def test_bench_engine_smoke(tmp_path, torch_kernels):
     assert all(r["output_tokens"] == 6 and r["tokens_per_s"] > 0 for r in rows.values())
     assert doc["environment"]["device"].startswith("cpu") and doc["versions"]["transformers"]
     assert doc["ratios"]["windowed_over_static"] > 0
+
+
+def test_kv_replay_engine_checks_out_before_any_compute(tmp_path, capsys):
+    target = tmp_path / "a-file"
+    target.write_text("x")
+    with pytest.raises(SystemExit) as e:
+        replay.main(["--engine", "model", "--out", str(target), "--quiet"])
+    assert e.value.code == 2 and "--out" in capsys.readouterr().err
