@@ -64,7 +64,9 @@ class LLM:
         dtype: "auto", "float32", "float16", "bfloat16" (or a torch dtype).
         seed: random weights of presets, and the default sampling seeds.
         memory_policy: "static", "on-demand" or "windowed". predictor: remaining-length
-            predictor of "windowed" ("max_tokens", "empirical", "oracle", or an object).
+            predictor of "windowed" ("max_tokens", "empirical", "oracle", or an object;
+            "oracle" knows only ``stop_after`` of :meth:`add_request` — a trace's true
+            length — and otherwise sees ``max_tokens``, since no engine knows when EOS comes).
         kv_cache_memory_bytes: the KV arena's reserved range and every policy's cap
             (default: 90% of free device memory on CUDA, 256 MiB on the CPU).
         max_model_len: longest prompt + output (default: the config's
@@ -86,9 +88,12 @@ class LLM:
             raise ValueError(f"device must be 'cpu' or 'cuda', got {str(device)!r}")
         for name, v in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
                         ("max_num_batched_tokens", max_num_batched_tokens),
-                        ("max_model_len", max_model_len or 1)):
+                        ("max_model_len", 1 if max_model_len is None else max_model_len)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if planner is not None and memory_policy != "windowed":
+            raise ValueError(f"planner is used by memory_policy='windowed' only, got "
+                             f"memory_policy={memory_policy!r}")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {seed!r}")
         # Checked before anything is built (the arena holds device memory).
@@ -108,6 +113,9 @@ class LLM:
         if kv_cache_memory_bytes is None:   # what the weights left
             kv_cache_memory_bytes = (int(torch.cuda.mem_get_info(device)[0] * 0.9)
                                      if device.type == "cuda" else 256 << 20)
+        if max_model_len is not None and max_model_len > cfg.max_position_embeddings:
+            raise ValueError(f"max_model_len={max_model_len} exceeds the model's "
+                             f"max_position_embeddings={cfg.max_position_embeddings}")
         self.max_model_len = min(max_model_len or cfg.max_position_embeddings,
                                  kv_cache_memory_bytes // spec.token_bytes)
         if self.max_model_len < 1:
@@ -138,6 +146,9 @@ class LLM:
         (default now). ``stop_after``: end after this many tokens as if EOS came then
         (trace replay, where the true output length is known); default ``max_tokens``."""
         ids = self._check(prompt_token_ids, params)
+        if stop_after is not None and (isinstance(stop_after, bool)
+                                       or not isinstance(stop_after, int) or stop_after < 1):
+            raise ValueError(f"stop_after must be a positive int or None, got {stop_after!r}")
         rid = self._next_id
         req = Request(rid, len(ids), params.max_tokens, stop_after or params.max_tokens,
                       arrival_s=self.loop.now if arrival_s is None else float(arrival_s))

@@ -64,9 +64,18 @@ def load_model(model: Any, *, dtype: Any = "auto", device: str | torch.device = 
       config's ``dtype``/``torch_dtype``, else float32);
     * a preset name ``"NAME:random"`` (see :data:`engine.config.PRESETS`; ``"auto"``:
       bfloat16 on CUDA, float32 on CPU), weights drawn with ``seed``;
-    * a :class:`CausalLM` (returned as is).
+    * a :class:`CausalLM` (returned as is: ``dtype`` must be ``"auto"`` or its dtype and
+      ``device`` its device, else ValueError — it is never converted behind your back).
     """
     if isinstance(model, CausalLM):
+        want = torch.device(device)
+        if want.type != model.device.type or (want.index is not None
+                                              and want.index != model.device.index):
+            raise ValueError(f"device={str(want)!r} but the CausalLM given is on "
+                             f"{model.device}; move it first or pass its device")
+        if dtype != "auto" and resolve_dtype(dtype, model.dtype) != model.dtype:
+            raise ValueError(f"dtype={dtype!r} but the CausalLM given is {model.dtype}; "
+                             f"pass dtype='auto' or build it in the dtype you want")
         return model
     device = torch.device(device)
     if hasattr(model, "state_dict") and hasattr(model, "config"):

@@ -288,9 +288,22 @@ def test_bad_input_is_refused_before_anything_is_queued():
     for kw, word in [(dict(memory_policy="lazy"), "memory"), (dict(block_size=0), "block_size"),
                      (dict(max_num_batched_tokens=0), "max_num_batched_tokens"),
                      (dict(kv_cache_memory_bytes=-1), "kv_cache_memory_bytes"),
-                     (dict(dtype="int8"), "dtype"), (dict(device="mps"), "device")]:
+                     (dict(dtype="int8"), "dtype"), (dict(device="mps"), "device"),
+                     (dict(max_model_len=0), "max_model_len"),
+                     (dict(max_model_len=10 ** 9), "max_position_embeddings"),
+                     (dict(planner=PlannerConfig()), "planner")]:
         with pytest.raises(ValueError, match=word):
             LLM(cached_hf("llama"), **kw)
+    with pytest.raises(ValueError, match="stop_after"):
+        llm.add_request([1, 2], SamplingParams(), stop_after=0)
+    assert llm.loop.idle and not llm.step.seqs
+    # A ready CausalLM is used as is: a dtype or device it does not have is refused.
+    model = llm.model
+    with pytest.raises(ValueError, match="dtype"):
+        LLM(model, dtype="float16")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device"):
+            LLM(model, device="cuda")
 
 
 def test_decode_graph_buffers_pad_and_bucket_correctly(torch_kernels):
