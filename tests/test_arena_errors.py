@@ -281,7 +281,7 @@ def test_shrink_whose_unmap_fails_keeps_consistent_books_and_reports_the_moves()
     ids = p.allocate(48)
     p.free(ids[:40])
     p.resize(8)
-    backend.fail_at = 2 * PAGE  # chunk 1 unmaps, chunk 2 fails
+    backend.fail_at = PAGE  # highest first: chunk 2 unmaps, chunk 1 fails
     with pytest.raises(RuntimeError, match="injected") as info:
         a.shrink()
     src, dst = info.value.moves
