@@ -145,6 +145,11 @@ class _ReleaseAfterAdmissions(MemoryPolicy):
     def carried_out(self, view: QueueView, decision: Decision) -> None:
         self._release()
 
+    @staticmethod
+    def _idle(view: QueueView) -> bool:
+        """Nothing running or waiting: no admission is coming before the next arrival."""
+        return not (view.num_prefill or view.num_decode or view.num_waiting)
+
 
 class StaticMemory(MemoryPolicy):
     """Map ``static_bytes`` (under the cap) at start; never unmap."""
@@ -177,9 +182,15 @@ class OnDemandMemory(_ReleaseAfterAdmissions):
 
     def grow(self, pool: str, n: int, admission: bool = False) -> bool:
         a = self.arena
+        # Mapped memory first: the other pool's unused lease (a prompt's chunk handed off
+        # leaves some) and every mapped-unleased block are taken before anything is mapped;
+        # past them, whole steps of on_demand_chunks chunks; just n when the cap or the
+        # device leaves less.
+        a.lower_to(DECODE if pool == PREFILL else PREFILL, 0)
         step = a.blocks_per_chunk * self.settings.on_demand_chunks
-        # Whole steps first; just n when the cap or the device leaves less.
-        for g in dict.fromkeys((-(-n // step) * step, n)):
+        spare = a.mapped_blocks - a.leased_blocks
+        want = spare if spare >= n else spare + -(-(n - spare) // step) * step
+        for g in dict.fromkeys((want, n)):
             if a.grow(pool, g):
                 a.counters.on_demand_grows += 1
                 return True
@@ -192,6 +203,8 @@ class OnDemandMemory(_ReleaseAfterAdmissions):
     def after_step(self, view: QueueView) -> None:
         # Preemptions since the last step freed blocks too.
         self._mark_release(view)
+        if self._idle(view):
+            self._release()   # nothing to admit: nothing stays mapped across an idle gap
 
 
 class WindowedMemory(_ReleaseAfterAdmissions):
@@ -298,7 +311,7 @@ class WindowedMemory(_ReleaseAfterAdmissions):
 
     def after_step(self, view: QueueView) -> None:
         self.steps_in_window += 1
-        if view.num_prefill or view.num_decode or view.num_waiting:
+        if not self._idle(view):
             return
         # The engine went idle: the window closes and everything goes back, so nothing
         # stays mapped across an idle gap; the next arrival opens a new window.
