@@ -231,7 +231,8 @@ def check_scarce_targets(summaries: Sequence[Mapping[str, Any]],
     rows = []
 
     def row(target, measured, met):
-        rows.append({"regime": "scarce" if scarce else "plentiful", "target": target,
+        rows.append({"regime": "scarce" if scarce else "plentiful", "policy": policy,
+                     "target": target,
                      "measured": measured, "met": bool(met)})
 
     if not scarce:
