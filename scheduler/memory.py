@@ -8,22 +8,26 @@ returns as a :class:`~scheduler.decision.Decision` that the loop carries out.
 * ``static`` — maps ``static_bytes`` at start (like vLLM / SGLang reserving a fraction of
   the GPU) and never gives anything back; leases move freely inside what is mapped (its
   cap is lowered to what it mapped).
-* ``on-demand`` — grows a pool's lease by ``on_demand_chunks`` chunks when a block is
-  needed (mapping if the arena must grow); when blocks are freed, lowers the leases to
-  what the pools hold and unmaps every chunk that holds nothing. No compaction, no
-  prediction.
+* ``on-demand`` — when a block is needed, takes mapped memory first (the other pool's
+  unused lease, mapped-unleased blocks), then grows by ``on_demand_chunks`` chunks
+  (mapping); when blocks are freed (finishes, preemptions), lowers the leases to what the
+  pools hold and unmaps every chunk that holds nothing, after that phase's admissions had
+  their pick (at once when the engine goes idle). No compaction, no prediction.
 * ``windowed`` — this library's method: once per window the
   :class:`~scheduler.planner.WindowPlanner` sets both leases to the predicted demand
   (mapping as needed), preempts when the device cannot supply it, admits what fits, and at
-  the window end compacts and unmaps what the next window does not need. A lease miss
-  mid-window (a misprediction) is served by an emergency grow or, failing that, a
-  preemption.
+  the window end compacts and unmaps what the next window does not need. A finish lowers
+  the lease by the request's blocks and the growth the plan still held for it, and free
+  chunks go back after that phase's admissions; the window closes (leases 0, everything
+  unmapped) when the engine goes idle. A lease miss mid-window (a misprediction) is served
+  by an emergency grow or, failing that, a preemption.
 
 The hooks (every one but :meth:`MemoryPolicy.grow` has a default):
 ``start()`` once; ``decide(view) -> Decision | None`` before each step;
 ``carried_out(view, decision)`` after the loop carried a decision out;
 ``grow(pool, n, admission) -> bool`` when a pool needs ``n`` more blocks of lease (no
-preemption); ``on_free(pool, n)`` when a finished request freed ``n`` blocks;
+preemption); ``on_free(pool, n, req_id)`` when finished request ``req_id`` freed ``n``
+blocks;
 ``after_step(view)`` after each model step.
 """
 from __future__ import annotations
