@@ -94,6 +94,8 @@ class ReplaySetup:
     kv_spec: Any = field(repr=False, default=None)
     #: host replays skip copying block bytes in compaction (see remap_tables_only)
     copy_free_compaction: bool = True
+    #: the KV budget was given (--kv-budget-gib) rather than derived
+    kv_budget_set: bool = False
 
     def describe(self) -> dict:
         """The set-up as a JSON-ready dict (GiB and the latency/cost assumptions)."""
@@ -120,6 +122,7 @@ class ReplaySetup:
             "memory_utilization": self.memory_utilization,
             "device_limit_gib": self.device_limit_bytes / GIB,
             "kv_budget_gib": self.kv_budget_bytes / GIB,
+            "kv_budget_set": self.kv_budget_set,
             "max_tokens": self.max_tokens, "token_budget": self.token_budget,
             "max_running": self.max_running, "preemption": self.preemption,
             "latency_model": {
@@ -166,8 +169,12 @@ def build_setup(*, model: str = "llama-3-8b", device: str = "h100-sxm",
                 device_memory_gib: float | None = None, activation_reserve_gib: float = 2.0,
                 memory_utilization: float = 0.9, block_size: int = 16, max_tokens: int = 2048,
                 token_budget: int = 2048, max_running: int = 256, preemption: str = "auto",
-                arena_device: str | None = None, copy_kv_bytes: bool = False) -> ReplaySetup:
-    """Resolve presets and memory figures. Raises ValueError naming the bad argument."""
+                arena_device: str | None = None, copy_kv_bytes: bool = False,
+                kv_budget_gib: float | None = None) -> ReplaySetup:
+    """Resolve presets and memory figures. ``kv_budget_gib``: the KV budget (every policy's
+    cap and static's reservation) in GiB instead of the one derived from
+    ``memory_utilization``; at most the device limit. Raises ValueError naming the bad
+    argument."""
     import dataclasses
 
     import torch
@@ -203,6 +210,12 @@ def build_setup(*, model: str = "llama-3-8b", device: str = "h100-sxm",
             f"device_memory_gib: {d.memory_bytes / GIB:.1f} GiB x {memory_utilization} leaves "
             f"nothing for KV after {weights / GIB:.1f} GiB of {m.name} weights and "
             f"{reserve / GIB:.1f} GiB of activation reserve")
+    if kv_budget_gib is not None:
+        if isinstance(kv_budget_gib, bool) or not isinstance(kv_budget_gib, (int, float)) \
+                or not 0 < kv_budget_gib <= limit / GIB:
+            raise ValueError(f"kv_budget_gib must be > 0 and at most the device limit "
+                             f"({limit / GIB:.2f} GiB), got {kv_budget_gib!r}")
+        budget = int(kv_budget_gib * GIB)
     if arena_device == "cuda":
         free, _ = torch.cuda.mem_get_info()
         limit = min(limit, int(free) - (256 << 20))
@@ -211,7 +224,8 @@ def build_setup(*, model: str = "llama-3-8b", device: str = "h100-sxm",
     return ReplaySetup(m, d, arena_device, block_size, d.memory_bytes, weights, reserve,
                        memory_utilization, limit, budget, max_tokens, token_budget,
                        max_running, preemption, spec,
-                       copy_free_compaction=arena_device == "cpu" and not copy_kv_bytes)
+                       copy_free_compaction=arena_device == "cpu" and not copy_kv_bytes,
+                       kv_budget_set=kv_budget_gib is not None)
 
 
 # ------------------------------------------------------------------------------ one policy
@@ -326,6 +340,7 @@ def run_policy(setup: ReplaySetup, trace: Trace, policy: str, *, progress: bool 
         info={"memory": memory, "predictor": pred, "rejected": int(rejected.sum()),
               "wall_s": wall, "steps": c.steps, "timeline_samples": int(tl["t_s"].size),
               "chunk_bytes": arena.chunk_bytes, "blocks_per_chunk": arena.blocks_per_chunk,
+              "token_bytes": spec.token_bytes,
               "arena_wall_s": c.arena_wall_s, "plan_wall_s": c.plan_wall_s})
     arena.close()
     return record
@@ -351,6 +366,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-utilization", type=float, default=0.9,
                    help="share of device memory the engine may use (weights + KV); the KV "
                         "part is what static maps and every policy's cap")
+    p.add_argument("--kv-budget-gib", type=float, default=None,
+                   help="KV budget in GiB: every policy's cap and static's reservation "
+                        "(default: --memory-utilization of device memory minus weights and "
+                        "activation reserve); below the trace's peak live KV, policies preempt")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     p.add_argument("--policy", action="append", default=None,
                    help="memory policy, repeatable: static, on-demand, windowed (with each "
@@ -439,8 +458,10 @@ def header_lines(setup: ReplaySetup, trace: Trace) -> list[str]:
         f"TFLOP/s fp16; arena backend: {d['arena_backend']}",
         f"memory: weights {d['weights_gib']:.1f} GiB + activation reserve "
         f"{d['activation_reserve_gib']:.1f} GiB; KV budget (cap of every policy, static's "
-        f"reservation) {d['kv_budget_gib']:.1f} GiB = {setup.memory_utilization:.0%} of device "
-        f"memory minus those; device limit {d['device_limit_gib']:.1f} GiB",
+        f"reservation) {d['kv_budget_gib']:.3g} GiB = "
+        + ("set by --kv-budget-gib" if setup.kv_budget_set else
+           f"{setup.memory_utilization:.0%} of device memory minus those")
+        + f"; device limit {d['device_limit_gib']:.1f} GiB",
         f"latency model ({lat['source']}): decode step 1 seq @1k ctx "
         f"{lat['decode_step_1seq_1k_ctx_ms']:.2f} ms, 32 seqs @32k ctx "
         f"{lat['decode_step_32seq_32k_ctx_ms']:.2f} ms; prefill 1k tokens "
@@ -494,7 +515,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                             memory_utilization=args.memory_utilization,
                             block_size=args.block_size, max_tokens=args.max_tokens,
                             token_budget=args.token_budget, max_running=args.max_running,
-                            preemption=args.preemption, copy_kv_bytes=args.copy_kv_bytes)
+                            preemption=args.preemption, copy_kv_bytes=args.copy_kv_bytes,
+                            kv_budget_gib=args.kv_budget_gib)
         # last, so a bad argument creates no folder; still before any compute
         out = cli_checks.check_out_dir(args.out)
     except (ValueError, TypeError) as exc:
@@ -524,8 +546,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             for p in policies]
     wall = time.perf_counter() - wall0
     summaries = [report.summarize(r) for r in runs]
+    report.common_denominator(summaries, "static")
     table = report.markdown_table(summaries)
     targets = report.check_targets(summaries)
+    # issue 9's targets for windowed:empirical, else the first windowed policy replayed
+    windowed = [p for p in policies if p.startswith("windowed")]
+    target_policy = "windowed:empirical" if "windowed:empirical" in windowed else (
+        windowed[0] if windowed else "")
+    scarce = report.check_scarce_targets(summaries, target_policy)
 
     from bench._common import environment
     doc = {
@@ -542,6 +570,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "definitions": report.measures.__doc__,
         "policies": summaries,
         "targets": targets,
+        # issue 9's targets at this budget (plentiful or scarce regime)
+        "scarce_targets": scarce,
         # 400 slices, 0.1 MiB / 1 ms resolution: enough to redraw the plot, small to commit
         "timelines": {r.policy: {k: np.round(v, 3 if k == "t_s" else 4).tolist()
                                  for k, v in report.bucket_timeline(r, 400).items()}
@@ -551,6 +581,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if targets:
         text += ("\nTargets (windowed:empirical against static):\n\n"
                  + report.targets_table(targets) + "\n")
+    if scarce:
+        text += (f"\nIssue 9 targets ({scarce[0]['regime']} memory, {target_policy}):\n\n"
+                 + report.targets_table(scarce) + "\n")
     writers = {"replay.json": lambda p: report.write_json(p, doc),
                "table.md": lambda p: p.write_text(text)}
     if not args.no_plot:

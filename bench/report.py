@@ -28,7 +28,8 @@ GIB = float(1 << 30)
 #: ``mispredictions``, which is None for a policy that makes no prediction).
 COUNTER_KEYS: tuple[str, ...] = (
     "map_calls", "unmap_calls", "compaction_bytes", "compaction_moves", "preemptions",
-    "mispredictions", "time_map_s", "time_unmap_s", "time_compact_s")
+    "mispredictions", "time_map_s", "time_unmap_s", "time_compact_s", "time_swap_s",
+    "recomputed_tokens", "swap_out_bytes", "time_background_s")
 
 
 @dataclass
@@ -115,7 +116,11 @@ def summarize(run: RunRecord) -> dict[str, Any]:
 
     c = {k: float(run.counters.get(k, 0)) for k in COUNTER_KEYS}
     c.update({k: float(v) for k, v in run.counters.items() if k not in c})
+    # Critical path: what the step loop waited on. Total: plus driver work done off it
+    # (a background mapper's; 0 while every call is made on the scheduling thread).
     arena_time = c["time_map_s"] + c["time_unmap_s"] + c["time_compact_s"]
+    arena_total = arena_time + c["time_background_s"]
+    token_bytes = run.info.get("token_bytes")
     return {
         "policy": run.policy,
         "replayed_s": span,
@@ -135,6 +140,10 @@ def summarize(run: RunRecord) -> dict[str, Any]:
         "unmap_calls": int(c["unmap_calls"]),
         "compaction_gib": c["compaction_bytes"] / GIB,
         "preemptions": int(c["preemptions"]),
+        "recomputed_tokens": int(c["recomputed_tokens"]),
+        # whole blocks go over the link: tokens here include the last block's padding
+        "swapped_tokens": (int(c["swap_out_bytes"] // token_bytes) if token_bytes else None),
+        "swapped_gib": c["swap_out_bytes"] / GIB,
         # Only a policy that predicts can mispredict: absent counter -> None ("n/a").
         "mispredictions": (int(run.counters["mispredictions"])
                            if run.counters.get("mispredictions") is not None else None),
@@ -148,6 +157,8 @@ def summarize(run: RunRecord) -> dict[str, Any]:
         "tpot_p99_s": m.percentile(tpot, 99),
         "arena_time_s": arena_time,
         "arena_time_frac": m.ratio(arena_time, span),
+        "arena_total_time_s": arena_total,
+        "arena_total_time_frac": m.ratio(arena_total, span),
         "counters": c,
         "info": dict(run.info),
     }
@@ -166,13 +177,84 @@ METRIC_ROWS: tuple[tuple[str, str, str], ...] = (
     ("unmap calls", "unmap_calls", "int"),
     ("compaction moved (GiB)", "compaction_gib", "gib"),
     ("preemptions", "preemptions", "int"),
+    ("recomputed / swapped tokens", "recomputed_tokens|swapped_tokens", "int"),
     ("mispredictions", "mispredictions", "int"),
     ("requests finished", "requests_finished", "int"),
     ("throughput (tok/s)", "throughput_tok_s", "tok"),
     ("TTFT p50 / p99 (s)", "ttft_p50_s|ttft_p99_s", "s"),
     ("TPOT p50 / p99 (ms)", "tpot_p50_s|tpot_p99_s", "ms"),
     ("map+unmap+compact time (% of replay)", "arena_time_frac", "pct"),
+    ("  same, total driver time (% of replay)", "arena_total_time_frac", "pct"),
 )
+
+
+def common_denominator(summaries: Sequence[dict[str, Any]], reference: str = "static") -> None:
+    """Put every policy's mapped / live (time average) over the same live KV: the
+    ``reference`` policy's on the same trace, so a policy that holds requests longer (more
+    live KV) does not look better for it. In place: ``mapped_to_live_avg`` becomes
+    ``mapped_avg_gib / reference live_avg_gib``; the policy's own ratio moves to
+    ``mapped_to_own_live_avg``; ``live_reference`` names the reference (``"own"`` when the
+    reference policy was not replayed, and nothing changes)."""
+    by = {s["policy"]: s for s in summaries}
+    ref = by.get(reference)
+    for s in summaries:
+        s["mapped_to_own_live_avg"] = s.get("mapped_to_own_live_avg", s["mapped_to_live_avg"])
+        if ref is None:
+            s["live_reference"] = "own"
+            continue
+        s["live_reference"] = reference
+        s["live_reference_avg_gib"] = ref["live_avg_gib"]
+        s["mapped_to_live_avg"] = measures.ratio(s["mapped_avg_gib"], ref["live_avg_gib"])
+
+
+def _rel(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
+def check_scarce_targets(summaries: Sequence[Mapping[str, Any]],
+                         policy: str = "windowed:empirical") -> list[dict[str, Any]]:
+    """Issue 9's targets for ``policy`` at this budget. The regime is *scarce* when static
+    or on-demand preempted, else *plentiful*:
+
+    - plentiful: mapped GiB (time avg) <= 1.02x on-demand's; critical-path arena time <=
+      0.3% of replayed time; throughput and TPOT p50 within 1% of static's;
+    - scarce: preemptions <= 0.5x on-demand's; TPOT p99 <= on-demand's; throughput >=
+      0.99x on-demand's.
+
+    Returns one dict per target (``regime``, ``target``, ``measured``, ``met``); empty
+    when ``policy``, static or on-demand is missing."""
+    by = {s["policy"]: s for s in summaries}
+    if not {policy, "static", "on-demand"} <= set(by):
+        return []
+    p, st, od = by[policy], by["static"], by["on-demand"]
+    scarce = st["preemptions"] > 0 or od["preemptions"] > 0
+    rows = []
+
+    def row(target, measured, met):
+        rows.append({"regime": "scarce" if scarce else "plentiful", "policy": policy,
+                     "target": target,
+                     "measured": measured, "met": bool(met)})
+
+    if not scarce:
+        r = _rel(p["mapped_avg_gib"], od["mapped_avg_gib"])
+        row("mapped GiB <= 1.02x on-demand's", _fmt(r, "x"), r is not None and r <= 1.02)
+        f = p["arena_time_frac"]
+        row("critical-path arena time <= 0.3%", _fmt(f, "pct"), f is not None and f <= 0.003)
+        r = _rel(p["throughput_tok_s"], st["throughput_tok_s"])
+        row("throughput within 1% of static's", _fmt(r, "x"), r is not None and r >= 0.99)
+        r = _rel(p["tpot_p50_s"], st["tpot_p50_s"])
+        row("TPOT p50 within 1% of static's", _fmt(r, "x"),
+            r is not None and abs(r - 1) <= 0.01)
+    else:
+        row("preemptions <= 0.5x on-demand's", f"{p['preemptions']} vs {od['preemptions']}",
+            p["preemptions"] <= 0.5 * od["preemptions"])
+        row("TPOT p99 <= on-demand's",
+            f"{_fmt(p['tpot_p99_s'], 'ms')} vs {_fmt(od['tpot_p99_s'], 'ms')} ms",
+            p["tpot_p99_s"] is not None and od["tpot_p99_s"] is not None
+            and p["tpot_p99_s"] <= od["tpot_p99_s"])
+        r = _rel(p["throughput_tok_s"], od["throughput_tok_s"])
+        row("throughput >= 0.99x on-demand's", _fmt(r, "x"), r is not None and r >= 0.99)
+    return rows
 
 
 def _fmt(value: Any, kind: str) -> str:

@@ -318,7 +318,8 @@ class EngineLoop:
 
     def waiting_requests(self) -> list[Request]:
         """The admission queue: preempted requests (oldest admission first), then arrivals
-        in arrival order."""
+        in arrival order (a copy of the whole queue: the loop itself takes only the head it
+        can admit, :meth:`_waiting_head`)."""
         return self._resume + self._new[self._new_head:]
 
     def _waiting_head(self, n: int) -> list[Request]:
@@ -502,7 +503,8 @@ class EngineLoop:
             return
         room = self.max_running - len(self._prefill) - len(self._decode)
         tokens = self.prefill_tokens_left()
-        for r in self.waiting_requests():
+        # Only the head that could run: a copy of a long queue per step costs O(queue).
+        for r in self._waiting_head(max(room, 0)):
             if room <= 0:
                 break
             swapped = r.phase == Phase.SWAPPED
@@ -692,7 +694,7 @@ class EngineLoop:
     def _finish(self, r: Request) -> None:
         pool = r.pool
         ids = self.metered.close_sequence(r.req_id, pool)
-        self.memory.on_free(pool, int(ids.size))
+        self.memory.on_free(pool, int(ids.size), r.req_id)
         self._live_tokens -= r.kv_len
         r.num_blocks = 0
         r.finish_s = self.now
@@ -766,7 +768,9 @@ class _LoopView:
         return self._loop.prefill_tokens_left()
 
     def prefill_set(self) -> RequestSet:
-        return RequestSet.from_requests(self._loop._prefill.values())
+        # In the order the loop chunks prompts (admission), which the planner's hand-off
+        # steps follow.
+        return RequestSet.from_requests(sorted(self._loop._prefill.values(), key=_by_admission))
 
     def decode_set(self) -> RequestSet:
         return RequestSet.from_requests(self._loop._decode.values())

@@ -8,22 +8,26 @@ returns as a :class:`~scheduler.decision.Decision` that the loop carries out.
 * ``static`` — maps ``static_bytes`` at start (like vLLM / SGLang reserving a fraction of
   the GPU) and never gives anything back; leases move freely inside what is mapped (its
   cap is lowered to what it mapped).
-* ``on-demand`` — grows a pool's lease by ``on_demand_chunks`` chunks when a block is
-  needed (mapping if the arena must grow); when blocks are freed, lowers the leases to
-  what the pools hold and unmaps every chunk that holds nothing. No compaction, no
-  prediction.
+* ``on-demand`` — when a block is needed, takes mapped memory first (the other pool's
+  unused lease, mapped-unleased blocks), then grows by ``on_demand_chunks`` chunks
+  (mapping); when blocks are freed (finishes, preemptions), lowers the leases to what the
+  pools hold and unmaps every chunk that holds nothing, after that phase's admissions had
+  their pick (at once when the engine goes idle). No compaction, no prediction.
 * ``windowed`` — this library's method: once per window the
   :class:`~scheduler.planner.WindowPlanner` sets both leases to the predicted demand
   (mapping as needed), preempts when the device cannot supply it, admits what fits, and at
-  the window end compacts and unmaps what the next window does not need. A lease miss
-  mid-window (a misprediction) is served by an emergency grow or, failing that, a
-  preemption.
+  the window end compacts and unmaps what the next window does not need. A finish lowers
+  the lease by the request's blocks and the growth the plan still held for it, and free
+  chunks go back after that phase's admissions; the window closes (leases 0, everything
+  unmapped) when the engine goes idle. A lease miss mid-window (a misprediction) is served
+  by an emergency grow or, failing that, a preemption.
 
 The hooks (every one but :meth:`MemoryPolicy.grow` has a default):
 ``start()`` once; ``decide(view) -> Decision | None`` before each step;
 ``carried_out(view, decision)`` after the loop carried a decision out;
 ``grow(pool, n, admission) -> bool`` when a pool needs ``n`` more blocks of lease (no
-preemption); ``on_free(pool, n)`` when a finished request freed ``n`` blocks;
+preemption); ``on_free(pool, n, req_id)`` when finished request ``req_id`` freed ``n``
+blocks;
 ``after_step(view)`` after each model step.
 """
 from __future__ import annotations
@@ -32,6 +36,8 @@ import math
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from .decision import Decision, QueueView
 from .latency import LatencyModel
@@ -92,11 +98,61 @@ class MemoryPolicy:
         ``admission``: for a request being admitted (not a running one's lease miss)."""
         raise NotImplementedError
 
-    def on_free(self, pool: str, n: int) -> None:
-        """``n`` blocks of ``pool`` were just freed (a request finished)."""
+    def on_free(self, pool: str, n: int, req_id: int = -1) -> None:
+        """``n`` blocks of ``pool`` were just freed (request ``req_id`` finished)."""
 
     def after_step(self, view: QueueView) -> None:
         """Called after every model step."""
+
+
+class _ReleaseAfterAdmissions(MemoryPolicy):
+    """Gives free chunks back once the phase that freed them has admitted what it will.
+
+    A finish (or a preemption) marks memory to release; the next :meth:`decide` first lets
+    the loop admit into it (the admissions take mapped chunks instead of unmapping them
+    now and mapping them again a moment later), and the release follows in
+    :meth:`carried_out`, or at once when there is nothing to decide."""
+
+    def __init__(self, arena: MeteredArena, settings: PolicySettings) -> None:
+        super().__init__(arena, settings)
+        self._release_pending = False
+        self._preemptions = 0
+
+    def _mark_release(self, view: QueueView | None = None) -> None:
+        if view is not None:
+            if view.preemptions == self._preemptions:
+                return
+            self._preemptions = view.preemptions
+        self._release_pending = True
+
+    def _release(self) -> None:
+        if not self._release_pending:
+            return
+        self._release_pending = False
+        self._lower_leases()
+        self.arena.release_free_chunks()
+
+    def _lower_leases(self) -> None:
+        """Lower the leases before a release (default: to what the pools hold)."""
+        self.arena.lower_to(PREFILL, 0)
+        self.arena.lower_to(DECODE, 0)
+
+    def decide(self, view: QueueView) -> Decision | None:
+        decision = self._decide(view)
+        if decision is None:
+            self._release()
+        return decision
+
+    def _decide(self, view: QueueView) -> Decision | None:
+        return MemoryPolicy.decide(self, view)
+
+    def carried_out(self, view: QueueView, decision: Decision) -> None:
+        self._release()
+
+    @staticmethod
+    def _idle(view: QueueView) -> bool:
+        """Nothing running or waiting: no admission is coming before the next arrival."""
+        return not (view.num_prefill or view.num_decode or view.num_waiting)
 
 
 class StaticMemory(MemoryPolicy):
@@ -118,48 +174,44 @@ class StaticMemory(MemoryPolicy):
     def grow(self, pool: str, n: int, admission: bool = False) -> bool:
         return self.arena.grow(pool, n)   # inside mapped memory: no mapping
 
-    def on_free(self, pool: str, n: int) -> None:
+    def on_free(self, pool: str, n: int, req_id: int = -1) -> None:
         self.arena.lower_to(pool, self.arena.lease(pool) - n)
 
 
-class OnDemandMemory(MemoryPolicy):
-    """Grow by chunks when a block is needed; give free chunks back when blocks are freed."""
+class OnDemandMemory(_ReleaseAfterAdmissions):
+    """Grow by chunks when a block is needed; give free chunks back when blocks are freed,
+    after the admissions of the same phase (see :class:`_ReleaseAfterAdmissions`)."""
 
     name = "on-demand"
 
-    def __init__(self, arena: MeteredArena, settings: PolicySettings) -> None:
-        super().__init__(arena, settings)
-        self._freed = False
-        self._preemptions = 0
-
     def grow(self, pool: str, n: int, admission: bool = False) -> bool:
         a = self.arena
+        # Mapped memory first: the other pool's unused lease (a prompt's chunk handed off
+        # leaves some) and every mapped-unleased block are taken before anything is mapped;
+        # past them, whole steps of on_demand_chunks chunks; just n when the cap or the
+        # device leaves less.
+        a.lower_to(DECODE if pool == PREFILL else PREFILL, 0)
         step = a.blocks_per_chunk * self.settings.on_demand_chunks
-        # Whole steps first; just n when the cap or the device leaves less.
-        for g in dict.fromkeys((-(-n // step) * step, n)):
+        spare = a.mapped_blocks - a.leased_blocks
+        want = spare if spare >= n else spare + -(-(n - spare) // step) * step
+        for g in dict.fromkeys((want, n)):
             if a.grow(pool, g):
                 a.counters.on_demand_grows += 1
                 return True
         return False
 
-    def on_free(self, pool: str, n: int) -> None:
+    def on_free(self, pool: str, n: int, req_id: int = -1) -> None:
         self.arena.lower_to(pool, 0)
-        self._freed = True
+        self._mark_release()
 
     def after_step(self, view: QueueView) -> None:
-        # Blocks were freed (finishes, or preemptions since the last step): leases drop to
-        # what the pools hold and every chunk that holds nothing goes back.
-        if not self._freed and view.preemptions == self._preemptions:
-            return
-        self._freed = False
-        self._preemptions = view.preemptions
-        a = self.arena
-        a.lower_to(PREFILL, 0)
-        a.lower_to(DECODE, 0)
-        a.release_free_chunks()
+        # Preemptions since the last step freed blocks too.
+        self._mark_release(view)
+        if self._idle(view):
+            self._release()   # nothing to admit: nothing stays mapped across an idle gap
 
 
-class WindowedMemory(MemoryPolicy):
+class WindowedMemory(_ReleaseAfterAdmissions):
     """Leases set once per window by the :class:`WindowPlanner` (see the module docstring).
 
     A full window boundary comes when the decode window's steps are done or the prefill
@@ -201,7 +253,7 @@ class WindowedMemory(MemoryPolicy):
         t0, b0 = hist[0]
         return (blocks - b0) / (now - t0) if now > t0 else 0.0
 
-    def decide(self, view: QueueView) -> Decision | None:
+    def _decide(self, view: QueueView) -> Decision | None:
         full = (self.plan is None or self.steps_in_window >= self.window_steps
                 or (self._had_prefill and not view.num_prefill))
         if not full:
@@ -229,6 +281,7 @@ class WindowedMemory(MemoryPolicy):
             plan=plan)
 
     def carried_out(self, view: QueueView, decision: Decision) -> None:
+        self._release()
         if decision.window_end:
             self.window_steps = decision.plan.decode_steps
             self.steps_in_window = 0
@@ -244,8 +297,35 @@ class WindowedMemory(MemoryPolicy):
             self.arena.counters.emergency_grows += 1
         return True
 
+    def on_free(self, pool: str, n: int, req_id: int = -1) -> None:
+        # The finished request's blocks and the growth the plan still held for it leave
+        # the lease now, not at the next window end; the chunks go back after this phase's
+        # admissions (see _ReleaseAfterAdmissions).
+        extra = 0
+        plan = self.plan
+        if pool == DECODE and plan is not None and req_id >= 0:
+            hit = np.flatnonzero(plan.decode_ids == req_id)
+            if hit.size:
+                extra = max(int(plan.decode_planned_blocks[hit[0]]) - n, 0)
+        self.arena.lower_to(pool, self.arena.lease(pool) - n - extra)
+        self._mark_release()
+
+    def _lower_leases(self) -> None:
+        pass   # on_free lowered them by what the plan held for the finished request
+
     def after_step(self, view: QueueView) -> None:
         self.steps_in_window += 1
+        if not self._idle(view):
+            return
+        # The engine went idle: the window closes and everything goes back, so nothing
+        # stays mapped across an idle gap; the next arrival opens a new window.
+        a = self.arena
+        a.set_leases(0, 0)
+        if a.mapped_blocks:
+            a.shrink(0)
+        a.counters.idle_closes += 1
+        self.plan = None
+        self._release_pending = False
 
 
 #: Memory policies by name; each is built with ``(arena=MeteredArena,

@@ -84,6 +84,7 @@ class Counters:
     emergency_grows: int = 0
     on_demand_grows: int = 0
     windows: int = 0
+    idle_closes: int = 0     # windows closed because the engine went idle (windowed)
     plans: int = 0
     steps: int = 0
     prefill_tokens: int = 0

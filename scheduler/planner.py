@@ -5,15 +5,15 @@ Given the running prefill and decode sets, the waiting queue (as
 (:class:`ArenaState`), :meth:`WindowPlanner.plan` returns a :class:`Plan`:
 
 * **windows** — prefill: the predicted duration of the prefill batch in flight (all the
-  prompt tokens the prefill set still has, in chunks of ``token_budget`` tokens per step,
-  each step also carrying the decode set); decode: ``k`` steps times the predicted step
+  prompt tokens the prefill set still has, in chunks of ``token_budget`` less one token
+  per decode request per step, each step also carrying the decode set); decode: ``k`` steps times the predicted step
   time, ``k`` up to the next predicted change of the running set (the first predicted
   finish, the hand-off of the prefill batch, the next arrival), clipped to
   ``[min_decode_steps, max_decode_steps]``;
 * **demands** per pool — static (blocks held) + growth (blocks for the tokens added inside
   the window: the rest of each prompt for prefill; ``min(k, predicted remaining)``
-  generated tokens per decode request, plus the decode growth of prefill requests handed
-  off inside the window, bounded by their max_tokens), each rounded up to whole blocks
+  generated tokens per decode request, plus the decode growth of each prefill request
+  from its own hand-off step to the window's end, bounded by its max_tokens), each rounded up to whole blocks
   per request, + a margin (``ceil(margin_fraction * (static + growth)) + margin_blocks``
   for a non-empty pool);
 * **the allocation condition** — ``prefill target + decode target <= supply_blocks`` (what
@@ -166,7 +166,9 @@ class Plan:
     ``shortfall_blocks``: what is still missing when it does not; ``shrink``: compact and
     unmap at this window end; ``reserve_blocks``: blocks above the targets that shrink keeps
     mapped for the next window's admissions; ``remaining``: predicted remaining tokens of
-    the decode set (int64, the decode set's order).
+    the decode set (int64, the decode set's order); ``decode_ids`` / ``decode_planned_blocks``:
+    the running decode set's ids and the blocks the plan holds for each (held + its growth
+    in the window; int64), which a finish gives back.
     """
 
     prefill_window_s: float
@@ -186,6 +188,9 @@ class Plan:
     shrink: bool
     remaining: np.ndarray = field(repr=False)
     reserve_blocks: int = 0
+    decode_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), repr=False)
+    decode_planned_blocks: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64),
+                                              repr=False)
 
 
 _SMALL = 8   # sets up to this size are summed in plain Python (a dozen numpy calls cost more)
@@ -247,14 +252,14 @@ class DecodeSet(NamedTuple):
 class Window(NamedTuple):
     """Step 1's result. ``k``: decode window in steps; ``prefill_steps`` / ``prefill_s``:
     the prefill batch in flight, in steps and seconds (0 without one); ``step_s``: the
-    predicted decode step (the decode set alone); ``handoff_steps_left``: steps the handed-off
-    prefill requests decode inside the window (``k - prefill_steps``, 0 without prefill)."""
+    predicted decode step (the decode set alone); ``prompt_per_step``: prompt tokens a step
+    carries (the token budget less one row per decode request, at least 1)."""
 
     k: int
     prefill_steps: int
     prefill_s: float
     step_s: float
-    handoff_steps_left: int
+    prompt_per_step: int
 
 
 @dataclass(slots=True)
@@ -344,20 +349,35 @@ def decode_growth(d: DecodeSet, k: int, block_size: int) -> np.ndarray:
     return g
 
 
-def handoff_growth(pre: RequestSet, steps: int, block_size: int) -> int:
-    """New decode blocks of prefill requests that decode up to ``steps`` steps after their
-    hand-off inside the window. Bounded by max_tokens, not predicted: the window ends at
-    the hand-off unless ``min_decode_steps`` holds it open for a few steps."""
+def handoff_growth(pre: RequestSet, k: int, per_step: int, block_size: int,
+                   before: int = 0) -> int:
+    """New decode blocks of prefill requests handed off inside a window of ``k`` steps.
+
+    ``pre`` is in the order the loop chunks prompts (admission order), ``per_step`` the
+    prompt tokens a step carries (the token budget less the decode rows), ``before`` prompt
+    tokens queued ahead of ``pre``. Request ``i`` hands off at step ``h_i = ceil((before +
+    its prompt tokens left and those of the requests ahead of it) / per_step)`` and decodes
+    ``k - h_i`` steps inside the window, bounded by its max_tokens (not predicted: the
+    window ends at the batch's hand-off unless ``min_decode_steps`` holds it open)."""
     n = pre.ids.shape[0]
-    if steps <= 0 or n == 0:
+    if k <= 0 or n == 0:
         return 0
     bs = block_size
+    ps = max(int(per_step), 1)
+    if n <= _SMALL:
+        total, cum = 0, before
+        for pl, kv, m, g in zip(pre.prefill_len.tolist(), pre.kv_len.tolist(),
+                                pre.max_tokens.tolist(), pre.generated.tolist()):
+            cum += pl - kv
+            steps = k - max(-(-cum // ps), 1)
+            if steps > 0:
+                total += -(-(pl + min(max(m - g - 1, 0), steps)) // bs) - (-(-pl // bs))
+        return total
+    cum = np.cumsum(pre.prefill_len - pre.kv_len) + before
+    steps = k - np.maximum(_ceil_div(cum, ps), 1)
+    np.maximum(steps, 0, out=steps)
     # Blocks for prefill_len + min(max_tokens - generated - 1, steps) tokens, less the
     # prompt's blocks.
-    if n <= _SMALL:
-        return sum(-(-(pl + min(max(m - g - 1, 0), steps)) // bs) - (-(-pl // bs))
-                   for pl, m, g in zip(pre.prefill_len.tolist(), pre.max_tokens.tolist(),
-                                       pre.generated.tolist()))
     t = pre.max_tokens - pre.generated
     t -= 1
     np.minimum(t, steps, out=t)
@@ -410,7 +430,8 @@ class WindowPlanner:
     def window(self, ps: PrefillSums, n_prefill: int, d: DecodeSet, coef: Coefficients,
                now_s: float, next_arrival_s: float, k_cap: float = _INF) -> Window:
         """The prefill window (the batch in flight: every prompt token left,
-        ``token_budget`` per step, each step also carrying the decode set) and the decode
+        ``token_budget`` less the decode rows per step, each step also carrying the decode
+        set) and the decode
         window ``k``: up to the first predicted finish, the hand-off, or the next arrival,
         clipped to ``[min_decode_steps, max_decode_steps]`` and to ``k_cap``."""
         cfg = self.config
@@ -419,8 +440,10 @@ class WindowPlanner:
         if nd:
             step = coef.step + coef.decode_seq * nd + coef.context_token * (d.kv_tokens + nd)
         pre_steps, pre_s, handoff = 0, 0.0, _INF
+        # Each step carries one token per decode request first; prompts get the rest.
+        per_step = max(self.limits.token_budget - nd, 1)
         if n_prefill:
-            pre_steps = max(1, -(-ps.tokens_left // self.limits.token_budget))
+            pre_steps = max(1, -(-ps.tokens_left // per_step))
             pre_s = (pre_steps * step + coef.prompt_token * ps.tokens_left
                      + coef.attn_pair * ps.attn_pairs)
             handoff = pre_steps
@@ -432,7 +455,7 @@ class WindowPlanner:
             min(max(k, cfg.min_decode_steps), cfg.max_decode_steps))
         if k_cap != _INF:
             k = min(k, int(k_cap))
-        return Window(k, pre_steps, pre_s, step, k - pre_steps if n_prefill else 0)
+        return Window(k, pre_steps, pre_s, step, per_step)
 
     # ------------------------------------------------------------------ 2. demand
     def demand(self, ps: PrefillSums, n_prefill: int, d: DecodeSet, w: Window,
@@ -481,7 +504,7 @@ class WindowPlanner:
                                                       decode.max_tokens))
         w = self.window(ps, n_pre, d, coef, now_s, next_arrival_s)                  # 1
         dem = self.demand(ps, n_pre, d, w, None,
-                          handoff_growth(prefill, w.handoff_steps_left, bs))        # 2
+                          handoff_growth(prefill, w.k, w.prompt_per_step, bs))      # 2
         deficit = dem.target - supply                                               # 3
         n_decode = d.n
         admit = 0
@@ -498,8 +521,13 @@ class WindowPlanner:
                     dem.cut_margins(over)
         elif deficit > 0:
             preempt, swap, shortfall = self.preempt(decode, d, dem, deficit)          # 4
-        return self._finish(w, n_decode, d.remaining, dem, admit, preempt, swap, shortfall,
+        plan = self._finish(w, n_decode, d.remaining, dem, admit, preempt, swap, shortfall,
                             arena, window_end, admission_rate_blocks_s, coef)
+        nd = decode.ids.shape[0]
+        if nd:
+            plan.decode_ids = decode.ids
+            plan.decode_planned_blocks = decode.blocks + dem.decode_growth_each[:nd]
+        return plan
 
     # ------------------------------------------------------------------ 4. preemption
     def preempt(self, decode: RequestSet, d: DecodeSet, dem: Demands,
@@ -562,11 +590,18 @@ class WindowPlanner:
             return 0
         cand = _take(waiting, n)
         sw = sw[:n]
-        # A swapped entry decodes for up to k steps; a prefill entry for at most
-        # min(k, min_decode_steps) - 1 steps after its hand-off (the recomputed window
-        # ends at the hand-off unless min_decode_steps holds it open).
-        steps_pre = max(min(w.k, cfg.min_decode_steps) - 1, 0)
+        # A swapped entry decodes for up to k steps; a prefill entry for the union's
+        # window less its hand-off step. Upper bounds of what the recomputed plan counts:
+        # the union's window ends by the hand-off of all n candidates (at the fewest prompt
+        # tokens per step they can leave) unless min_decode_steps holds it open, and is
+        # never longer than k; a candidate hands off no earlier than its prompt, chunked
+        # after every prompt token ahead of it at this window's tokens per step.
         any_sw = bool(sw.any())
+        ahead = ps.tokens_left + toks[:n]
+        slowest = max(w.prompt_per_step - int(sw.sum()), 1)
+        k_union = min(w.k, max(-(-int(ahead[-1]) // slowest), cfg.min_decode_steps))
+        steps_pre = k_union - np.maximum(_ceil_div(ahead, w.prompt_per_step), 1)
+        np.maximum(steps_pre, 0, out=steps_pre)
         if any_sw:
             rem = self.predictor.predict(cand.ids, cand.generated, cand.max_tokens)
             steps = np.where(sw, np.minimum(rem, w.k), steps_pre)
@@ -608,12 +643,10 @@ class WindowPlanner:
         ps_all = ps + prefill_sums(new_pre, bs) if new_pre.ids.shape[0] else ps
         w2 = self.window(ps_all, n_pre, d_all, coef, now_s, next_arrival_s, k_cap=w.k)
         growth = dem.decode_growth_each if (w2.k == w.k and d_all is d) else None
-        steps = w2.handoff_steps_left
-        incoming = 0
-        if steps > 0:
-            incoming = (dem.incoming if steps == w.handoff_steps_left
-                        else handoff_growth(prefill, steps, bs))
-            incoming += handoff_growth(new_pre, steps, bs)
+        # The running prompts are chunked first, the admitted ones after them.
+        incoming = (dem.incoming if (w2.k, w2.prompt_per_step) == (w.k, w.prompt_per_step)
+                    else handoff_growth(prefill, w2.k, w2.prompt_per_step, bs))
+        incoming += handoff_growth(new_pre, w2.k, w2.prompt_per_step, bs, ps.tokens_left)
         return w2, self.demand(ps_all, n_pre, d_all, w2, growth, incoming), d_all.n
 
     # ------------------------------------------------------------------ 6. shrink

@@ -235,9 +235,12 @@ def test_cli_every_policy_end_to_end(tmp_path, capsys):
     doc = json.loads((out / "replay.json").read_text())
     assert (out / "memory.png").read_bytes()[:4] == b"\x89PNG"
     md = (out / "table.md").read_text()
-    # metrics table, then the targets table (header, rule, four targets)
-    assert md.count("\n|") == 2 + len(report.METRIC_ROWS) + 6
+    # metrics table, the targets table (header, rule, four targets), issue 9's targets at
+    # this budget (header, rule, and the regime's rows)
+    scarce = doc["scarce_targets"]
+    assert md.count("\n|") == 2 + len(report.METRIC_ROWS) + 6 + 2 + len(scarce)
     assert len(doc["targets"]) == 4 and all(isinstance(t["met"], bool) for t in doc["targets"])
+    assert {t["regime"] for t in scarce} == {"plentiful"} and len(scarce) == 4
     names = [p["policy"] for p in doc["policies"]]
     assert names == list(replay.ALL_POLICIES)
     assert doc["environment"]["numpy"] and doc["setup"]["model"]["name"] == "tiny"
@@ -254,7 +257,17 @@ def test_cli_every_policy_end_to_end(tmp_path, capsys):
         # blocks held lie between the tokens written and the memory mapped
         assert p["mapped_avg_gib"] >= p["used_avg_gib"] >= p["live_avg_gib"]
         assert p["mapped_peak_gib"] <= budget + 1e-9
-        assert p["mapped_to_live_avg"] >= 1.0 and p["mapped_to_live_p99"] >= 1.0
+        assert p["mapped_to_own_live_avg"] >= 1.0 and p["mapped_to_live_p99"] >= 1.0
+        # every policy's mapped / live over the same live KV: static's
+        assert p["live_reference"] == "static"
+        assert p["mapped_to_live_avg"] == pytest.approx(
+            p["mapped_avg_gib"] / doc["policies"][0]["live_avg_gib"])
+        for key in ("policy", "mapped_avg_gib", "live_avg_gib", "arena_time_frac",
+                    "arena_total_time_frac", "map_calls", "preemptions", "throughput_tok_s",
+                    "tpot_p50_s", "tpot_p99_s", "ttft_p99_s", "recomputed_tokens",
+                    "swapped_tokens"):
+            assert p[key] is not None, key
+        assert p["arena_total_time_frac"] >= p["arena_time_frac"]
         assert 0 < p["ttft_p50_s"] <= p["ttft_p99_s"] and 0 < p["tpot_p50_s"] <= p["tpot_p99_s"]
         assert p["arena_time_frac"] >= 0
         tl = doc["timelines"][p["policy"]]
@@ -379,3 +392,92 @@ def test_check_targets():
     assert [r["met"] for r in report.check_targets([base, w])] == [True, True, False, True]
     assert report.check_targets([base]) == []
     assert report.targets_table(rows).count("| NO |") == 2
+
+
+def test_kv_budget_caps_every_policy_and_makes_them_preempt(tmp_path):
+    """--kv-budget-gib: static maps exactly the budget, nothing maps more, and a budget
+    far below the trace's live KV makes the policies preempt (the scarce regime)."""
+    from bench import replay
+
+    from bench.synth_traces import write_trace
+
+    rng = np.random.default_rng(2)
+    # 40 requests at once, 200-650 tokens each (the tiny model's KV: 1 KiB a token)
+    trace = traces.Trace("burst", "test", np.zeros(40), rng.integers(100, 400, 40),
+                         rng.integers(100, 250, 40))
+    path = write_trace(trace, tmp_path / "burst.csv")
+    out = tmp_path / "scarce"
+    budget = 4 / 1024    # GiB: 2 of the tiny model's 2 MiB chunks, 4k tokens
+    assert replay.main(["--trace", str(path), "--out", str(out), "--kv-budget-gib",
+                        str(budget), "--policy", "static", "--policy", "on-demand",
+                        "--policy", "windowed:empirical", *TINY]) == 0
+    doc = json.loads((out / "replay.json").read_text())
+    assert doc["setup"]["kv_budget_gib"] == pytest.approx(budget, rel=1e-6)
+    assert doc["setup"]["kv_budget_set"] is True
+    by = {p["policy"]: p for p in doc["policies"]}
+    assert by["static"]["mapped_peak_gib"] == pytest.approx(budget, rel=1e-6)
+    for p in doc["policies"]:
+        assert p["mapped_peak_gib"] <= budget + 1e-9
+        assert p["requests_finished"] == len(trace)
+    assert by["on-demand"]["preemptions"] > 0
+    assert by["on-demand"]["recomputed_tokens"] + by["on-demand"]["swapped_tokens"] > 0
+    assert {t["regime"] for t in doc["scarce_targets"]} == {"scarce"}
+    assert "scarce memory" in (out / "table.md").read_text()
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "1e6"])
+def test_kv_budget_must_fit_the_device(tmp_path, bad):
+    from bench import replay
+
+    path, _ = _tiny_trace(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        replay.main(["--trace", str(path), "--out", str(tmp_path / "o"), "--kv-budget-gib", bad,
+                     *TINY])
+    assert exc.value.code == 2
+
+
+def test_scarce_targets_pick_the_regime_and_compare_with_on_demand():
+    def summ(policy, **kw):
+        s = dict(policy=policy, preemptions=0, tpot_p50_s=0.01, tpot_p99_s=0.02,
+                 throughput_tok_s=100.0, mapped_avg_gib=1.0, arena_time_frac=0.001)
+        s.update(kw)
+        return s
+
+    st, od = summ("static"), summ("on-demand")
+    w = summ("windowed:empirical", mapped_avg_gib=1.01)
+    rows = report.check_scarce_targets([st, od, w])
+    assert [r["regime"] for r in rows] == ["plentiful"] * 4 and all(r["met"] for r in rows)
+    w["mapped_avg_gib"] = 1.03
+    assert not report.check_scarce_targets([st, od, w])[0]["met"]
+    od["preemptions"] = 10
+    w.update(preemptions=5, tpot_p99_s=0.019, throughput_tok_s=99.5)
+    rows = report.check_scarce_targets([st, od, w])
+    assert [r["regime"] for r in rows] == ["scarce"] * 3 and all(r["met"] for r in rows)
+    w["preemptions"] = 6
+    assert [r["met"] for r in report.check_scarce_targets([st, od, w])] == [False, True, True]
+    assert report.check_scarce_targets([st, w]) == []
+
+
+def test_scarce_sweep_replays_each_budget_and_gathers_the_table(tmp_path):
+    from bench import scarce_sweep
+    from bench.synth_traces import write_trace
+
+    rng = np.random.default_rng(5)
+    trace = traces.Trace("burst", "test", np.sort(rng.uniform(0, 0.5, 30)),
+                         rng.integers(100, 400, 30), rng.integers(50, 200, 30))
+    path = write_trace(trace, tmp_path / "burst.csv")
+    out = tmp_path / "sweep"
+    assert scarce_sweep.main(["--trace", str(path), "--fraction", "0.5", "--out", str(out),
+                              "--", "--policy", "static", "--policy", "on-demand",
+                              "--policy", "windowed:oracle", *TINY]) == 0
+    doc = json.loads((out / "scarce.json").read_text())
+    default, half = doc["entries"]
+    assert default["label"] == "default" and half["label"] == "0.5 x peak live"
+    assert half["kv_budget_gib"] == pytest.approx(0.5 * default["live_peak_gib"], rel=0.01)
+    for p in half["policies"]:
+        assert p["mapped_peak_gib"] <= half["kv_budget_gib"] + 1e-9
+    md = (out / "scarce.md").read_text()
+    assert md.count("| windowed:oracle |") == 2 and "Issue 9 targets" in md
+    assert (out / "scarce.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SystemExit):
+        scarce_sweep.main(["--trace", str(path), "--fraction", "2", "--out", str(out)])

@@ -303,3 +303,17 @@ def test_arrival_reserve_saves_map_calls_under_a_steady_stream():
         counts[reserve_s] = (m.counters.map_calls, m.counters.unmap_calls)
         arena.close()
     assert counts[0.02][0] < counts[0.0][0] and counts[0.02][1] < counts[0.0][1], counts
+
+
+def test_admission_takes_only_the_queue_head_it_can_admit(monkeypatch):
+    """First-come-first-served admission (static, on-demand) walks the head of the queue,
+    not a copy of all of it per step: with 300 queued requests, no step copies the queue."""
+    loop = make_loop(make_arena(chunks=64), memory="on-demand")
+    loop.submit_many(workload(300, seed=0, gap=0.0))
+
+    def copying():
+        raise AssertionError("the whole waiting queue was copied")
+
+    monkeypatch.setattr(loop, "waiting_requests", copying)
+    loop.run(max_steps=50)
+    assert loop.metrics.counters.steps == 50 and loop.num_waiting > 200

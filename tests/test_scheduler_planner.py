@@ -151,10 +151,14 @@ def test_admission_takes_a_fitting_prefix_of_the_queue():
     assert p.admit == 2 and p.fits
     assert (p.prefill.static, p.prefill.growth, p.prefill.margin) == (0, 8, 1)
     assert p.prefill_steps == 2 and p.decode_target == 0
-    # Memory: candidates cost 3+1+1, 6, 8 blocks (prompt, one decode token, margins).
+    # Memory: the first two cost 3+1+1 and 5 blocks (prompt; the first hands off at step 1
+    # of the union's 2-step window and decodes one token, the second at step 2 and decodes
+    # none; margins).
     p = pl.plan(e, e, wait, ArenaState(10))
+    assert p.admit == 2 and p.prefill_target == 9
+    p = pl.plan(e, e, wait, ArenaState(9))
     assert p.admit == 1 and p.prefill_target == 4
-    assert p.prefill_target + p.decode_target <= 10
+    assert p.prefill_target + p.decode_target <= 9
     # No admission when the condition already fails.
     pre, dec = _sets()
     assert pl.plan(pre, dec, wait, ArenaState(15)).admit == 0
@@ -285,9 +289,15 @@ def test_plan_properties(data, nd, npre, nw, supply, margin, victim):
     # With room for all: the decode growth is the per-request sum, plus the hand-off growth
     # of prefill requests that decode inside the window; a short supply only cuts it.
     want = _brute_decode_growth(kv, dec.blocks, rem, alone.decode_steps, bs)
-    k_after = alone.decode_steps - alone.prefill_steps if npre else 0
-    if k_after > 0:
-        want += sum(-(-(x + min(29, k_after)) // bs) - (-(-x // bs)) for x in plen)
+    # Each prompt hands off when the prompts ahead of it and its own are chunked at the
+    # token budget (16) less one row per decode request.
+    per_step = max(16 - nd, 1)
+    cum = 0
+    for x, d0 in zip(plen.tolist(), done.tolist()):
+        cum += x - d0
+        after = alone.decode_steps - max(-(-cum // per_step), 1)
+        if after > 0:
+            want += -(-(x + min(29, after)) // bs) - (-(-x // bs))
     assert alone.decode.growth == want
     if not victims and p.admit == 0:
         assert p.decode_steps == alone.decode_steps and p.decode.growth <= want
@@ -305,8 +315,8 @@ def _brute_pairs(new, before):
 
 @settings(max_examples=60, deadline=None)
 @given(data=st.data(), n=st.integers(0, 30), bs=st.sampled_from([1, 4, 16]),
-       steps=st.integers(-2, 40))
-def test_set_sums_agree_with_brute_force_on_both_paths(data, n, bs, steps):
+       steps=st.integers(-2, 40), per_step=st.integers(1, 64), before=st.integers(0, 100))
+def test_set_sums_agree_with_brute_force_on_both_paths(data, n, bs, steps, per_step, before):
     """Sets of up to 8 requests are summed in Python, larger ones with numpy: both must
     give what counting request by request gives."""
     plen = data.draw(st.lists(st.integers(1, 200), min_size=n, max_size=n))
@@ -321,12 +331,14 @@ def test_set_sums_agree_with_brute_force_on_both_paths(data, n, bs, steps):
     assert s.attn_pairs == pytest.approx(sum(_brute_pairs(p - k, k) for p, k in zip(plen, kv)))
     assert s.blocks_held == sum(held)
     assert s.blocks_to_come == sum(max(-(-p // bs) - b, 0) for p, b in zip(plen, held))
-    want = 0
-    if steps > 0:
-        for p, m, g in zip(plen, maxt, gen):
-            after = min(max(m - g - 1, 0), steps)      # tokens decoded after the hand-off
+    want, cum = 0, before
+    for p, k0, m, g in zip(plen, kv, maxt, gen):
+        cum += p - k0
+        handoff = max(-(-cum // per_step), 1)         # the step its prompt completes
+        if steps - handoff > 0:
+            after = min(max(m - g - 1, 0), steps - handoff)   # tokens decoded after it
             want += -(-(p + after) // bs) - (-(-p // bs))
-    assert handoff_growth(pre, steps, bs) == want
+    assert handoff_growth(pre, steps, per_step, bs, before) == want
     # Decode growth over k steps, per request.
     rem = np.array(data.draw(st.lists(st.integers(0, 80), min_size=n, max_size=n)), np.int64)
     dec = RequestSet.from_arrays(ids=np.arange(n), kv_len=plen, block_size=bs)
@@ -334,3 +346,31 @@ def test_set_sums_agree_with_brute_force_on_both_paths(data, n, bs, steps):
     got = decode_growth(decode_set(dec, rem), k, bs)
     assert got.tolist() == [max(-(-(p + min(r, k)) // bs) - (-(-p // bs)), 0)
                             for p, r in zip(plen, rem.tolist())]
+
+
+def test_prefill_steps_leave_one_token_per_decode_row():
+    """A step carries one token per decode request first: 28 prompt tokens with 3 decode
+    requests at a 16-token budget take ceil(28 / 13) = 3 steps, not ceil(28 / 16) = 2."""
+    _, dec = _sets()
+    pre = RequestSet.from_arrays(ids=[20], kv_len=[0], prefill_len=[28], max_tokens=[10],
+                                 blocks=[0], admit_seq=[3])
+    p = _planner(max_prefill_tokens=64).plan(pre, dec, None, ArenaState(100, 64, 16))
+    assert p.prefill_steps == 3
+    step = C[0] + 3 * C[3] + 36 * C[4]
+    assert p.prefill_window_s == pytest.approx(3 * step + 28 * C[1] + _brute_pairs(28, 0) * C[2])
+
+
+def test_handoff_growth_counts_each_prompt_from_its_own_handoff():
+    """Two prompts chunked 16 tokens a step (no decode set): the 2-token one hands off at
+    step 1 and decodes 7 steps of an 8-step window (2 + 7 = 9 tokens: 3 blocks, 2 new); the
+    24-token one hands off at step 2 and decodes 6 (30 tokens: 8 blocks, 2 new). Counted
+    from the batch's end (step 2) the first would decode 6 (8 tokens: 1 new block)."""
+    pre = RequestSet.from_arrays(ids=[20, 21], kv_len=[0, 0], prefill_len=[2, 24],
+                                 max_tokens=[50, 50], blocks=[1, 6], admit_seq=[0, 1])
+    p = _planner(min_decode_steps=8, max_decode_steps=8).plan(
+        pre, RequestSet.empty(), None, ArenaState(100, 64, 16))
+    assert p.prefill_steps == 2 and p.decode_steps == 8
+    assert p.decode.growth == 2 + 2
+    assert handoff_growth(pre, 8, 16, 4) == 4
+    # Queued behind 15 more prompt tokens they hand off at steps 2 and 3: 1 + 2 new blocks.
+    assert handoff_growth(pre, 8, 16, 4, before=15) == 1 + 2
