@@ -175,6 +175,12 @@ class LLM:
         if len(ids) + params.max_tokens > self.max_model_len:
             raise ValueError(f"prompt_token_ids: {len(ids)} tokens + max_tokens "
                              f"{params.max_tokens} exceed max_model_len={self.max_model_len}")
+        # The loop's own admission test, asked here so generate() can check every prompt
+        # before queuing any (the device's free memory may have shrunk since start-up).
+        if self.arena.spec.blocks_for(len(ids) + params.max_tokens - 1) > self.loop.limit_blocks():
+            raise ValueError(f"prompt_token_ids: {len(ids)} tokens + max_tokens "
+                             f"{params.max_tokens} cannot fit in the KV memory the device can "
+                             f"map now ({self.loop.limit_blocks()} blocks)")
         return ids
 
     def output(self, rid: int) -> RequestOutput:

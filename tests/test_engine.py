@@ -297,6 +297,14 @@ def test_bad_input_is_refused_before_anything_is_queued():
     with pytest.raises(ValueError, match="stop_after"):
         llm.add_request([1, 2], SamplingParams(), stop_after=0)
     assert llm.loop.idle and not llm.step.seqs
+    # The device's mappable memory shrank after start-up (on CUDA: other processes): the
+    # second prompt no longer fits, and the first must not be left queued either.
+    blocks = llm.arena.spec.blocks_for
+    llm.loop.limit_blocks = lambda: blocks(8 + 4 - 1)
+    with pytest.raises(ValueError, match="cannot fit"):
+        llm.generate([[1] * 8, [1] * 20], SamplingParams(max_tokens=4))
+    assert llm.loop.idle and not llm.step.seqs
+    del llm.loop.limit_blocks
     # A ready CausalLM is used as is: a dtype or device it does not have is refused.
     model = llm.model
     with pytest.raises(ValueError, match="dtype"):
