@@ -485,7 +485,10 @@ class PagedArena:
             self._compact(self._blocks, torch.from_numpy(src).to(self.device),
                           torch.from_numpy(dst).to(self.device), table)
             if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)  # errors surface here; honest timing
+                # Errors surface here, and the timing is honest. Only this stream: a
+                # device-wide sync would also wait on (and break) another thread's graph
+                # capture on another stream.
+                torch.cuda.current_stream(self.device).synchronize()
         except BaseException:
             self.tables.restore(saved)
             raise
