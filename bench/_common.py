@@ -195,14 +195,14 @@ def copy_bandwidth(nbytes: int = 1 << 30, device: str = "cuda") -> float:
 
 def write_json_atomic(path: Path, doc: Any) -> Path:
     """Write ``doc`` (a mapping) as JSON with :func:`bench.report.write_json` (non-finite
-    floats -> null) to a temporary file, then rename it into place, so readers (and a
-    process killed mid-write) only ever see a whole document. Returns the path."""
+    floats -> null) through :func:`bench.cli_checks.write_all_or_nothing` (a temporary file
+    renamed into place), so readers (and a process killed mid-write) only ever see a whole
+    document. Returns the path."""
+    from bench.cli_checks import write_all_or_nothing
     from bench.report import write_json
 
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write_json(tmp, doc)
-    os.replace(tmp, path)
+    write_all_or_nothing(path.parent, {path.name: lambda tmp: write_json(tmp, doc)})
     return path
 
 
