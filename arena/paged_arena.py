@@ -499,16 +499,52 @@ class PagedArena:
         self._counters["moves"] += int(src.size)
         self._counters["bytes_moved"] += int(src.size) * self.spec.block_bytes
 
+    @property
     @guarded
-    def release_free_chunks(self) -> int:
+    def spare_blocks(self) -> int:
+        """Mapped blocks no lease covers: what a lease can grow into without mapping."""
+        return self.mapped_blocks - self._leased
+
+    @guarded
+    def map_spare(self, spare_blocks: int, max_chunks: int | None = None) -> int:
+        """Map ahead of need: map the lowest unmapped chunks until at least ``spare_blocks``
+        mapped blocks lie outside every lease (:attr:`spare_blocks`), or as close to that as
+        the reserved range, the device and ``max_chunks`` (chunks mapped by this call; None:
+        no limit) allow. No lease changes. Returns the chunks mapped (0 if the device
+        refuses; all or nothing per call).
+
+        A lease raised later takes these blocks without a driver call, so a background
+        thread can pay the mapping off the critical path (see :mod:`arena.mapper`)."""
+        spare_blocks = as_int(spare_blocks, "spare_blocks", minimum=0)
+        if max_chunks is not None:
+            max_chunks = as_int(max_chunks, "max_chunks", minimum=0)
+        short = spare_blocks - (self.mapped_blocks - self._leased)
+        if short <= 0:
+            return 0
+        n = min(math.ceil(short / self.blocks_per_chunk), self.num_chunks - self.mapped_chunks,
+                self._mem.free_bytes() // self.chunk_bytes)
+        if max_chunks is not None:
+            n = min(n, max_chunks)
+        if n <= 0:
+            return 0
+        try:
+            self._map_chunks(n)
+        except ArenaOutOfMemory:
+            return 0   # the device gave less than it said: nothing mapped, try again later
+        return n
+
+    @guarded
+    def release_free_chunks(self, keep_blocks: int = 0) -> int:
         """Unmap chunks that hold no owned block, highest first, without moving anything,
-        while the mapped blocks still cover the leases. Returns how many were unmapped.
+        while the mapped blocks still cover the leases plus ``keep_blocks`` spare blocks
+        (kept mapped for what comes next). Returns how many were unmapped.
 
         Chunk 0 stays mapped while any other chunk is: every kernel's base pointer
         (``kv_cache(layer)``, ``blocks``) lies in it, and Triton's launcher refuses a pointer
         that no device memory maps."""
+        keep_blocks = as_int(keep_blocks, "keep_blocks", minimum=0)
         bpc = self.blocks_per_chunk
-        spare = (self.mapped_blocks - self._leased) // bpc
+        spare = (self.mapped_blocks - self._leased - keep_blocks) // bpc
         if spare <= 0:
             return 0
         empty = self._chunk_mapped & ~(self._owner != FREE).reshape(self.num_chunks, bpc).any(axis=1)

@@ -29,8 +29,9 @@ from .registry import Registry
 COST_PARTS = ("map", "unmap", "compact", "swap", "lease")
 
 #: ArenaOp kinds: "resize" (a lease raised; may map), "lease" (a lease lowered: maps
-#: nothing), "static" (static's start-up mapping), "shrink", "release", "swap_out", "swap_in".
-OP_KINDS = ("resize", "lease", "static", "shrink", "release", "swap_out", "swap_in")
+#: nothing), "static" (static's start-up mapping), "shrink", "release", "swap_out", "swap_in",
+#: "premap" (a background mapper mapping ahead of need).
+OP_KINDS = ("resize", "lease", "static", "shrink", "release", "swap_out", "swap_in", "premap")
 
 
 @dataclass(frozen=True)

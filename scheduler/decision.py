@@ -21,7 +21,10 @@ class Decision:
     1. ``preempt``: ``(req_id, swap)`` pairs, in order (swap: True = KV to host memory,
        False = dropped and recomputed);
     2. ``targets``: ``(prefill, decode)`` lease targets in blocks (None: leases unchanged);
-       a lease never drops below what its pool holds;
+       a lease never drops below what its pool holds; ``budgets``: ``(prefill, decode)``
+       lease budgets in blocks (None: none): a lease above its budget drops to it (never
+       below what its pool holds), nothing is raised or mapped; the policy grows leases
+       within its budgets as blocks are needed;
     3. ``shrink``: compact and unmap, keeping ``keep_blocks`` mapped-unleased blocks;
     4. admission from the head of the waiting queue: with ``fcfs`` as many as running
        slots, the prefill token budget and free memory less ``watermark_blocks`` allow
@@ -34,6 +37,7 @@ class Decision:
 
     preempt: tuple[tuple[int, bool], ...] = ()
     targets: tuple[int, int] | None = None
+    budgets: tuple[int, int] | None = None
     shrink: bool = False
     keep_blocks: int = 0
     admit: int = 0
@@ -97,6 +101,11 @@ class QueueView(Protocol):
 
     def prefill_tokens_left(self) -> int:
         """Prompt tokens the prefill set has still to process."""
+
+    def next_step_blocks(self) -> int:
+        """Blocks the running requests of the batch in flight will allocate in the next
+        step (no admission, no preemption): decode rows whose next token opens a block and
+        the next prompt chunks."""
 
     def prefill_set(self) -> RequestSet:
         """The prefill set as arrays, in admission order."""

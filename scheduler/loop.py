@@ -38,7 +38,7 @@ from .costs import ArenaOp, CostModel
 from .decision import Decision
 from .latency import LatencyModel, prefill_attn_pairs
 from .memory import MEMORY_POLICIES, PolicySettings
-from .metered import DECODE, PREFILL, Clock, MeteredArena
+from .metered import DECODE, MAPPER_MODES, PREFILL, Clock, MeteredArena
 from .metrics import (EVENT_END, EVENT_PREEMPT, EVENT_START, EVENT_STEP, EVENT_WINDOW,
                       Metrics, RequestRecord)
 from .planner import PlannerConfig
@@ -125,7 +125,12 @@ class LoopConfig:
     feed step durations to the latency model. ``oversize``: "raise" (ValueError) or
     "reject" (counted, dropped) for a request whose prompt + max_tokens cannot fit under
     the cap. ``sample_every``: a timeline sample every that many steps (0: none; samples
-    at windows, maps, unmaps and preemptions are always taken).
+    at windows, maps, unmaps and preemptions are always taken). ``mapper``: the background
+    mapper, one of :data:`~scheduler.metered.MAPPER_MODES` ("off": every driver call on the
+    loop's thread; "inline": the replay's model of a mapper thread, which needs a modeled
+    cost model; "thread": :class:`arena.BackgroundMapper`); ``mapper_slack``: its
+    hysteresis band, a share of the spare target; ``prefetch_quantile``: the quantile of
+    recent unforeseen per-step demand (admissions) the elastic policies keep mapped ahead.
     """
 
     memory: str = "windowed"
@@ -144,6 +149,9 @@ class LoopConfig:
     observe_latency: bool = True
     oversize: str = "raise"
     sample_every: int = 1
+    mapper: str = "off"
+    mapper_slack: float = 0.5
+    prefetch_quantile: float = 0.9
 
     def __post_init__(self) -> None:
         if not isinstance(self.memory, str):
@@ -164,6 +172,15 @@ class LoopConfig:
         if isinstance(self.sample_every, bool) or not isinstance(self.sample_every, int) \
                 or self.sample_every < 0:
             raise ValueError(f"sample_every must be an int >= 0, got {self.sample_every!r}")
+        if self.mapper not in MAPPER_MODES:
+            raise ValueError(f"mapper must be one of {MAPPER_MODES}, got {self.mapper!r}")
+        if not (isinstance(self.mapper_slack, (int, float)) and 0 <= self.mapper_slack < 1e9):
+            raise ValueError(f"mapper_slack must be a finite number >= 0, got "
+                             f"{self.mapper_slack!r}")
+        if not (isinstance(self.prefetch_quantile, (int, float))
+                and 0 <= self.prefetch_quantile <= 1):
+            raise ValueError(f"prefetch_quantile must be in [0, 1], got "
+                             f"{self.prefetch_quantile!r}")
         if self.oversize not in ("raise", "reject"):
             raise ValueError(f"oversize must be 'raise' or 'reject', got {self.oversize!r}")
         if self.planner is not None and not isinstance(self.planner, PlannerConfig):
@@ -226,7 +243,8 @@ class EngineLoop:
         #: every arena operation goes through here (charged to :attr:`clock`)
         self.metered = MeteredArena(arena, cap_bytes=cfg.cap_bytes, cost_model=cost_model,
                                     counters=self.metrics.counters, clock=self.clock,
-                                    on_event=self._sample)
+                                    on_event=self._sample, mapper=cfg.mapper,
+                                    mapper_slack=cfg.mapper_slack)
         self.cost_model = self.metered.cost_model
         #: the pools, for reading (leases and holdings change through :attr:`metered`)
         self.pool_prefill = self.metered.pools[PREFILL]
@@ -242,6 +260,7 @@ class EngineLoop:
         self._submitted = 0
         self._live_tokens = 0
         self._swapped = 0
+        self._launched: list[tuple[Request, int, bool]] = []   # the batch in flight
         self.dirty = True          # something changed that may allow an admission
         #: what memory policies see of the queues (read-only)
         self.view = _LoopView(self)
@@ -250,7 +269,8 @@ class EngineLoop:
             preemption=self.preemption, token_budget=cfg.token_budget,
             max_running=self.max_running, max_prefill_tokens=self.max_prefill_tokens,
             watermark_fraction=cfg.watermark_fraction, on_demand_chunks=cfg.on_demand_chunks,
-            static_bytes=cfg.static_bytes, planner=cfg.planner)
+            static_bytes=cfg.static_bytes, planner=cfg.planner,
+            prefetch_quantile=cfg.prefetch_quantile)
         self.memory = MEMORY_POLICIES.resolve(cfg.memory, arena=self.metered, settings=settings)
         self._sample(EVENT_START)
         self.memory.start()
@@ -355,6 +375,39 @@ class EngineLoop:
         """Prompt tokens the prefill set has still to process."""
         return sum(r.prefill_len - r.kv_len for r in self._prefill.values())
 
+    def prompt_blocks_to_come(self) -> int:
+        """Blocks the prefill set's prompts will still allocate (prompt blocks are
+        allocated chunk by chunk, but an admission counts the whole prompt)."""
+        blocks_for = self.spec.blocks_for
+        return sum(blocks_for(r.prefill_len) - r.num_blocks for r in self._prefill.values())
+
+    def next_step_blocks(self) -> int:
+        """Blocks the running requests of the batch in flight will allocate in the next
+        step, if none is preempted and nothing is admitted: decode rows (and prompts that
+        finish now) whose next token opens a block, and the next prompt chunks under the
+        token budget. What the background mapper maps ahead of need."""
+        bs = self.block_size
+        budget = self.config.token_budget
+        need = 0
+        chunks = []
+        for r, n, is_pre in self._launched:
+            kv = r.kv_len + n
+            if is_pre and kv < r.prefill_len:
+                chunks.append((r, kv))
+                continue
+            if r.generated + 1 >= r.target:
+                continue    # finishes with this step
+            budget -= 1
+            if kv % bs == 0:
+                need += max(kv // bs + 1 - r.num_blocks, 0)
+        for r, kv in chunks:
+            if budget < 1:
+                break
+            n = min(r.prefill_len - kv, budget)
+            budget -= n
+            need += max(-(-(kv + n) // bs) - r.num_blocks, 0)
+        return need
+
     # ------------------------------------------------------------------ running
     def run(self, *, max_steps: int | None = None, until_s: float | None = None) -> Metrics:
         """Step until every request has finished (or ``max_steps`` steps / the clock passes
@@ -402,6 +455,12 @@ class EngineLoop:
                 f"{len(self._decode)} decoding, {self.num_waiting} waiting, "
                 f"supply {self.supply_blocks()} blocks")
         batch = self._make_batch(entries)
+        self._launched = entries
+        target = self.memory.spare_target(self.view)
+        if target is not None:
+            # The mapper works while the step runs: maps what the next step is expected to
+            # take, unmaps what was freed beyond it.
+            self.metered.map_ahead(target)
         duration = float(self.step_fn(batch))
         if not (math.isfinite(duration) and duration >= 0):
             raise ValueError(f"step_fn returned {duration!r}; it must return seconds >= 0")
@@ -428,6 +487,9 @@ class EngineLoop:
         m = self.metered
         if decision.targets is not None:
             m.set_leases(*decision.targets)
+        if decision.budgets is not None:
+            m.lower_to(PREFILL, decision.budgets[0])
+            m.lower_to(DECODE, decision.budgets[1])
         if decision.shrink:
             m.shrink(decision.keep_blocks)
         if decision.fcfs:
@@ -503,6 +565,8 @@ class EngineLoop:
             return
         room = self.max_running - len(self._prefill) - len(self._decode)
         tokens = self.prefill_tokens_left()
+        # Prompts admitted earlier still have blocks to allocate: those are spoken for.
+        committed = self.prompt_blocks_to_come()
         # Only the head that could run: a copy of a long queue per step costs O(queue).
         for r in self._waiting_head(max(room, 0)):
             if room <= 0:
@@ -514,25 +578,37 @@ class EngineLoop:
                 need = self.spec.blocks_for(r.prefill_len)
                 if self._prefill and tokens + r.prefill_len > self.max_prefill_tokens:
                     break
-            if need + watermark > self.metered.free_blocks() and (self._prefill or self._decode):
+            if (need + watermark + committed > self.metered.free_blocks()
+                    and (self._prefill or self._decode)):
                 break
             if not self.admit(r):
                 break
             room -= 1
             if not swapped:
                 tokens += r.prefill_len
+                committed += need
 
     def admit(self, r: Request) -> bool:
         """Admit the head of the queue ``r``: a swapped request gets its blocks back (swap-in)
-        and decodes; any other starts a prefill with all its prompt blocks allocated. The
-        lease comes from the pool, grown by the memory policy if needed (no preemption).
-        Returns False (nothing changed) when the memory is not there."""
+        and decodes; any other starts a prefill, its prompt blocks allocated chunk by chunk
+        as the prefill proceeds (:meth:`_form_batch`). A swap-in's lease comes from the
+        pool, grown by the memory policy if needed (no preemption); a prompt is admitted
+        only if its whole prompt fits in the pool's unused lease plus the free memory, less
+        what earlier prompts have still to allocate. Returns False (nothing changed) when
+        the memory is not there."""
         swapped = r.phase == Phase.SWAPPED
         pool = DECODE if swapped else PREFILL
-        need = int(r.swap_data.shape[0]) if swapped else self.spec.blocks_for(r.prefill_len)
-        free = self.metered.unused_lease(pool)
-        if free < need and not self.memory.grow(pool, need - free, admission=True):
-            return False
+        m = self.metered
+        if swapped:
+            need = int(r.swap_data.shape[0])
+            free = m.unused_lease(pool)
+            if free < need and not self.memory.grow(pool, need - free, admission=True):
+                return False
+        else:
+            need = 0
+            if (self.spec.blocks_for(r.prefill_len) + self.prompt_blocks_to_come()
+                    > m.unused_lease(pool) + m.free_blocks()):
+                return False
         self._move(r, Phase.DECODE if swapped else Phase.PREFILL)
         if r.admit_seq < 0:
             r.admit_seq = self._next_admit
@@ -766,6 +842,9 @@ class _LoopView:
 
     def prefill_tokens_left(self) -> int:
         return self._loop.prefill_tokens_left()
+
+    def next_step_blocks(self) -> int:
+        return self._loop.next_step_blocks()
 
     def prefill_set(self) -> RequestSet:
         # In the order the loop chunks prompts (admission), which the planner's hand-off

@@ -14,13 +14,21 @@ returns as a :class:`~scheduler.decision.Decision` that the loop carries out.
   pools hold and unmaps every chunk that holds nothing, after that phase's admissions had
   their pick (at once when the engine goes idle). No compaction, no prediction.
 * ``windowed`` — this library's method: once per window the
-  :class:`~scheduler.planner.WindowPlanner` sets both leases to the predicted demand
-  (mapping as needed), preempts when the device cannot supply it, admits what fits, and at
-  the window end compacts and unmaps what the next window does not need. A finish lowers
-  the lease by the request's blocks and the growth the plan still held for it, and free
-  chunks go back after that phase's admissions; the window closes (leases 0, everything
-  unmapped) when the engine goes idle. A lease miss mid-window (a misprediction) is served
-  by an emergency grow or, failing that, a preemption.
+  :class:`~scheduler.planner.WindowPlanner` sets both pools' *budgets* to the predicted
+  demand (static + growth over the window), preempts deliberately when the device cannot
+  supply it, and admits only what fits over the window. Leases grow inside the budgets as
+  blocks are needed, taking mapped memory first, as on-demand's do; a lease that must grow
+  past the budgets (a misprediction) is an emergency grow or, failing that, a preemption.
+  At the window end it compacts and unmaps what the next window does not need (in place,
+  without compaction, when a chunk holds one block). A finish lowers the budget by the
+  request's blocks and the growth the plan still held for it, and free chunks go back after
+  that phase's admissions; the window closes (budgets 0, everything unmapped) when the
+  engine goes idle.
+
+With a background mapper (``LoopConfig.mapper``), both elastic policies map ahead what the
+next step will take (exactly, from the batch in flight) plus what admissions took lately
+(:class:`~scheduler.prefetch.PrefetchLearner`), and their releases are done by the mapper,
+batched, down to that target (:meth:`MemoryPolicy.spare_target`).
 
 The hooks (every one but :meth:`MemoryPolicy.grow` has a default):
 ``start()`` once; ``decide(view) -> Decision | None`` before each step;
@@ -28,7 +36,9 @@ The hooks (every one but :meth:`MemoryPolicy.grow` has a default):
 ``grow(pool, n, admission) -> bool`` when a pool needs ``n`` more blocks of lease (no
 preemption); ``on_free(pool, n, req_id)`` when finished request ``req_id`` freed ``n``
 blocks;
-``after_step(view)`` after each model step.
+``after_step(view)`` after each model step; ``spare_target(view) -> int | None`` when a
+step is launched: spare blocks the background mapper should keep mapped (None: no mapping
+ahead).
 """
 from __future__ import annotations
 
@@ -43,6 +53,7 @@ from .decision import Decision, QueueView
 from .latency import LatencyModel
 from .metered import DECODE, PREFILL, MeteredArena
 from .planner import ArenaState, PlanLimits, PlannerConfig, WindowPlanner
+from .prefetch import PrefetchLearner
 from .registry import Registry
 
 # The admission rate that sizes the windowed policy's arrival reserve is measured over
@@ -69,6 +80,7 @@ class PolicySettings:
     on_demand_chunks: int = 1
     static_bytes: int | None = None
     planner: PlannerConfig | None = None
+    prefetch_quantile: float = 0.9
 
 
 class MemoryPolicy:
@@ -104,19 +116,43 @@ class MemoryPolicy:
     def after_step(self, view: QueueView) -> None:
         """Called after every model step."""
 
+    def spare_target(self, view: QueueView) -> int | None:
+        """Spare (mapped, unleased) blocks the background mapper should keep while the step
+        just launched runs (None, the default: no mapping ahead)."""
+        return None
+
 
 class _ReleaseAfterAdmissions(MemoryPolicy):
     """Gives free chunks back once the phase that freed them has admitted what it will.
 
-    A finish (or a preemption) marks memory to release; the next :meth:`decide` first lets
-    the loop admit into it (the admissions take mapped chunks instead of unmapping them
-    now and mapping them again a moment later), and the release follows in
-    :meth:`carried_out`, or at once when there is nothing to decide."""
+    A finish (or a preemption) marks memory to release; the release waits until the next
+    step is launched, when that phase's admissions have allocated their first prompt
+    chunks (they take mapped chunks instead of the release unmapping them and the
+    admission mapping them again a moment later). With a background mapper the release is
+    the mapper's, batched, down to the spare it keeps for the next step."""
 
     def __init__(self, arena: MeteredArena, settings: PolicySettings) -> None:
         super().__init__(arena, settings)
         self._release_pending = False
         self._preemptions = 0
+        self.prefetch = PrefetchLearner(settings.prefetch_quantile)
+        self._allocated_seen = 0
+        self._lookahead = 0
+
+    def spare_target(self, view: QueueView) -> int | None:
+        """Releases what was marked, then (with a background mapper) asks for the blocks
+        the next step takes for running requests (exact) plus a learned allowance for what
+        it cannot foresee (admissions, swap-ins): what the previous launch's lookahead
+        missed is the learner's sample."""
+        self._release()
+        a = self.arena
+        if a.mapper_mode == "off":
+            return None
+        allocated = a.blocks_allocated
+        self.prefetch.observe(allocated - self._allocated_seen - self._lookahead)
+        self._allocated_seen = allocated
+        self._lookahead = view.next_step_blocks()
+        return self._lookahead + self.prefetch.allowance()
 
     def _mark_release(self, view: QueueView | None = None) -> None:
         if view is not None:
@@ -136,18 +172,6 @@ class _ReleaseAfterAdmissions(MemoryPolicy):
         """Lower the leases before a release (default: to what the pools hold)."""
         self.arena.lower_to(PREFILL, 0)
         self.arena.lower_to(DECODE, 0)
-
-    def decide(self, view: QueueView) -> Decision | None:
-        decision = self._decide(view)
-        if decision is None:
-            self._release()
-        return decision
-
-    def _decide(self, view: QueueView) -> Decision | None:
-        return MemoryPolicy.decide(self, view)
-
-    def carried_out(self, view: QueueView, decision: Decision) -> None:
-        self._release()
 
     @staticmethod
     def _idle(view: QueueView) -> bool:
@@ -208,7 +232,9 @@ class OnDemandMemory(_ReleaseAfterAdmissions):
         # Preemptions since the last step freed blocks too.
         self._mark_release(view)
         if self._idle(view):
-            self._release()   # nothing to admit: nothing stays mapped across an idle gap
+            # Nothing to admit: nothing stays mapped across an idle gap.
+            self._release()
+            self.arena.release_all()
 
 
 class WindowedMemory(_ReleaseAfterAdmissions):
@@ -235,6 +261,7 @@ class WindowedMemory(_ReleaseAfterAdmissions):
             victim=s.victim, preemption=s.preemption)
         self.config = self.planner.config
         self.plan = None            # the last plan
+        self.budgets = (0, 0)       # (prefill, decode) lease budgets from the last plan
         self.window_steps = 0       # the current window's length in steps
         self.steps_in_window = 0
         self._had_prefill = False
@@ -253,7 +280,7 @@ class WindowedMemory(_ReleaseAfterAdmissions):
         t0, b0 = hist[0]
         return (blocks - b0) / (now - t0) if now > t0 else 0.0
 
-    def _decide(self, view: QueueView) -> Decision | None:
+    def decide(self, view: QueueView) -> Decision | None:
         full = (self.plan is None or self.steps_in_window >= self.window_steps
                 or (self._had_prefill and not view.num_prefill))
         if not full:
@@ -274,14 +301,20 @@ class WindowedMemory(_ReleaseAfterAdmissions):
             ArenaState(a.supply_blocks(), a.mapped_blocks, a.blocks_per_chunk),
             now_s=view.now, next_arrival_s=view.next_arrival_s, window_end=window_end,
             admission_rate_blocks_s=self.admission_rate(view) if window_end else 0.0)
+        # A chunk of one block can go back where it lies: compaction would move blocks for
+        # nothing, so the free chunks are released in place instead.
+        compact = plan.shrink and a.blocks_per_chunk > 1
+        if plan.shrink and not compact:
+            self._release_pending = True
         return Decision(
             preempt=tuple(zip(plan.preempt_ids.tolist(), plan.preempt_swap.tolist())),
-            targets=(plan.prefill_target, plan.decode_target), shrink=plan.shrink,
-            keep_blocks=plan.reserve_blocks, admit=plan.admit, window_end=window_end,
-            plan=plan)
+            budgets=(plan.prefill_target, plan.decode_target), shrink=compact,
+            keep_blocks=max(plan.reserve_blocks, self.prefetch.allowance()),
+            admit=plan.admit, window_end=window_end, plan=plan)
 
     def carried_out(self, view: QueueView, decision: Decision) -> None:
-        self._release()
+        if decision.budgets is not None:
+            self.budgets = decision.budgets
         if decision.window_end:
             self.window_steps = decision.plan.decode_steps
             self.steps_in_window = 0
@@ -291,27 +324,35 @@ class WindowedMemory(_ReleaseAfterAdmissions):
         self.plan = decision.plan
 
     def grow(self, pool: str, n: int, admission: bool = False) -> bool:
-        if not self.arena.grow(pool, n):
+        """Raise ``pool``'s lease by ``n`` (mapped memory first, then mapping). Inside the
+        budgets this is the plan being followed; past them it is an emergency grow (the
+        plan under-predicted), counted."""
+        a = self.arena
+        # The budgets are judged together: a hand-off moves lease from prefill to decode.
+        over = a.leased_blocks + n > sum(self.budgets)
+        a.lower_to(DECODE if pool == PREFILL else PREFILL, 0)   # unused lease first
+        if not a.grow(pool, n):
             return False
-        if not admission:
-            self.arena.counters.emergency_grows += 1
+        if over and not admission:
+            a.counters.emergency_grows += 1
         return True
 
     def on_free(self, pool: str, n: int, req_id: int = -1) -> None:
         # The finished request's blocks and the growth the plan still held for it leave
-        # the lease now, not at the next window end; the chunks go back after this phase's
-        # admissions (see _ReleaseAfterAdmissions).
+        # the budget now, not at the next window end; the chunks go back after this
+        # phase's admissions (see _ReleaseAfterAdmissions).
         extra = 0
         plan = self.plan
         if pool == DECODE and plan is not None and req_id >= 0:
             hit = np.flatnonzero(plan.decode_ids == req_id)
             if hit.size:
                 extra = max(int(plan.decode_planned_blocks[hit[0]]) - n, 0)
-        self.arena.lower_to(pool, self.arena.lease(pool) - n - extra)
+        b = list(self.budgets)
+        i = 0 if pool == PREFILL else 1
+        b[i] = max(b[i] - n - extra, 0)
+        self.budgets = (b[0], b[1])
+        self.arena.lower_to(pool, 0)
         self._mark_release()
-
-    def _lower_leases(self) -> None:
-        pass   # on_free lowered them by what the plan held for the finished request
 
     def after_step(self, view: QueueView) -> None:
         self.steps_in_window += 1
@@ -321,8 +362,9 @@ class WindowedMemory(_ReleaseAfterAdmissions):
         # stays mapped across an idle gap; the next arrival opens a new window.
         a = self.arena
         a.set_leases(0, 0)
+        self.budgets = (0, 0)
         if a.mapped_blocks:
-            a.shrink(0)
+            a.release_all()   # nothing is live: every chunk is free, no block moves
         a.counters.idle_closes += 1
         self.plan = None
         self._release_pending = False

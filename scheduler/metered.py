@@ -10,21 +10,36 @@ it mapped or unmapped (the loop samples its timeline there). Block bookkeeping t
 nothing (allocate, free, hand-off, block tables) goes through it too, uncharged, so that
 nothing else holds a pool.
 
+Background mapping (``mapper``): with ``"inline"`` or ``"thread"`` a background mapper
+keeps spare (mapped, unleased) blocks near what the policy expects the next step to take
+(:meth:`MeteredArena.map_ahead`, called when a step is launched), and the unmaps a policy
+asks for (:meth:`MeteredArena.release_free_chunks`) are deferred to it and batched. A lease
+raise that finds spare blocks needs no driver call; one that does not maps on the loop's
+thread (a *miss*, critical path). ``"inline"`` is the replay's model of that mapper: the
+work is done at the launch but charged to ``time_background_s``, overlapping the step, and
+the loop's clock waits only where it needs the driver or the new spare blocks before the
+mapper is done (``mapper_wait_s``); it needs a modeled cost model, since its wall-clock time
+is spent on the calling thread. ``"thread"`` runs :class:`arena.BackgroundMapper`: real
+driver calls on another thread, their wall-clock time in ``time_background_s``.
+
 It knows no requests and no queues: ids passed to it are block-table sequence ids.
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Callable
 
 import numpy as np
 
-from arena import ArenaOutOfMemory, PagedArena
+from arena import ArenaOutOfMemory, BackgroundMapper, PagedArena
 
-from .costs import COST_PARTS, ArenaOp, CostModel, as_cost_model
+from .costs import COST_PARTS, ArenaOp, CostModel, WallClockCost, as_cost_model
 from .metrics import EVENT_MAP, EVENT_UNMAP, Counters
 
 PREFILL, DECODE = "prefill", "decode"
+#: Background mapper modes (see the module docstring).
+MAPPER_MODES = ("off", "inline", "thread")
 
 
 class Clock:
@@ -50,14 +65,23 @@ class MeteredArena:
         clock: the :class:`Clock` charged.
         on_event: ``(event) -> None``, called with ``EVENT_MAP`` / ``EVENT_UNMAP`` after an
             operation that mapped / unmapped chunks.
+        mapper: one of :data:`MAPPER_MODES` (default "off": every driver call on the
+            caller's thread, at once).
+        mapper_slack: the hysteresis band above the spare target, as a share of it (at
+            least one chunk): spare blocks are unmapped only past ``target * (1 + slack)``.
     """
 
     def __init__(self, arena: PagedArena, *, cap_bytes: int | None = None,
                  cost_model: CostModel | Callable[[ArenaOp], float] | None = None,
                  counters: Counters | None = None, clock: Clock | None = None,
-                 on_event: Callable[[int], None] | None = None) -> None:
+                 on_event: Callable[[int], None] | None = None, mapper: str = "off",
+                 mapper_slack: float = 0.5) -> None:
         if not isinstance(arena, PagedArena):
             raise TypeError(f"arena must be a PagedArena, got {type(arena).__name__}")
+        if mapper not in MAPPER_MODES:
+            raise ValueError(f"mapper must be one of {MAPPER_MODES}, got {mapper!r}")
+        if not (isinstance(mapper_slack, (int, float)) and 0 <= mapper_slack < math.inf):
+            raise ValueError(f"mapper_slack must be a finite number >= 0, got {mapper_slack!r}")
         self.arena = arena
         self.spec = arena.spec
         self.tables = arena.tables
@@ -74,6 +98,20 @@ class MeteredArena:
         if blocks < self.blocks_per_chunk:
             raise ValueError(f"cap_bytes={cap} is below one chunk ({arena.chunk_bytes} B)")
         self._cap_blocks = blocks
+        if mapper == "inline" and isinstance(self.cost_model, WallClockCost):
+            raise ValueError("mapper='inline' models a mapper thread and needs a modeled cost "
+                             "model (its work runs on the calling thread); use 'thread' with "
+                             "wall-clock costs")
+        self.mapper_mode = mapper
+        self.mapper_slack = float(mapper_slack)
+        #: blocks allocated so far (every pool): what policies learn their prefetch from
+        self.blocks_allocated = 0
+        # inline: when the modeled mapper's queued driver work ends, on the loop's clock
+        self._busy_until = self.clock.now
+        self._mapper: BackgroundMapper | None = None
+        self._mapper_seen = (0.0, 0, 0)
+        if mapper == "thread":
+            self._mapper = BackgroundMapper(arena)
 
     # ------------------------------------------------------------------ figures (blocks)
     @property
@@ -147,6 +185,8 @@ class MeteredArena:
         if target == p.lease:
             return
         a = self.arena
+        if target > p.lease:
+            self._wait_for_mapper()   # its new spare blocks, or the driver, are needed now
         if target < p.lease or target - p.lease <= a.mapped_blocks - a.leased_blocks:
             # Cheap path: a lowering, or a raise inside mapped memory, maps nothing, so no
             # arena statistics are needed (static's every grow takes it).
@@ -154,6 +194,8 @@ class MeteredArena:
             p.resize(target)
             self._charge(ArenaOp("lease", time.perf_counter() - t0))
             return
+        if kind == "resize":
+            self.counters.map_misses += 1
         self._measured(kind, lambda: p.resize(target))
 
     def lower_to(self, pool: str, target: int) -> None:
@@ -200,6 +242,7 @@ class MeteredArena:
         """Compact on the device and unmap every chunk above the leases plus up to
         ``keep_blocks`` mapped-unleased blocks (kept mapped for what comes next)."""
         a = self.arena
+        self._wait_for_mapper()
         # The kept blocks ride on the prefill lease through the shrink, so the chunks that
         # hold them stay mapped; the lease drops back after (lowering unmaps nothing).
         extra = max(0, min(int(keep_blocks), a.mapped_blocks - a.leased_blocks))
@@ -214,10 +257,82 @@ class MeteredArena:
 
     def release_free_chunks(self) -> int:
         """Unmap every chunk that holds no block, while the mapped blocks still cover the
-        leases (no compaction). Returns the chunks unmapped."""
-        n = self._measured("release", self.arena.release_free_chunks)
+        leases (no compaction). Returns the chunks unmapped. With a background mapper the
+        unmaps are deferred to it (batched at the next :meth:`map_ahead`, down to its
+        spare target) and this returns 0."""
         self.counters.release_calls += 1
-        return n
+        if self.mapper_mode != "off":
+            return 0
+        return self._measured("release", self.arena.release_free_chunks)
+
+    # ------------------------------------------------------------------ background mapper
+    def map_ahead(self, target_blocks: int, high_blocks: int | None = None) -> None:
+        """Tell the background mapper what the next step is expected to take: keep at least
+        ``target_blocks`` spare (mapped, unleased) blocks, and unmap free chunks once the
+        spare exceeds ``high_blocks`` (default: the target plus the hysteresis band,
+        :attr:`mapper_slack`), down to the target. The target is clipped to the cap. Called
+        when a step is launched: the work overlaps it. A no-op without a mapper."""
+        mode = self.mapper_mode
+        if mode == "off":
+            return
+        a = self.arena
+        target = max(0, min(int(target_blocks), self._cap_blocks - a.leased_blocks))
+        high = (target + max(self.blocks_per_chunk, math.ceil(self.mapper_slack * target))
+                if high_blocks is None else max(int(high_blocks), target))
+        if mode == "thread":
+            self._sync_thread_counters()
+            self._mapper.set_target(target, high)
+            return
+        spare = a.spare_blocks
+        if spare < target:
+            self._measured("premap", lambda: a.map_spare(target), background=True)
+        elif spare > high:
+            self._measured("release", lambda: a.release_free_chunks(keep_blocks=target),
+                           background=True)
+
+    def release_all(self) -> None:
+        """Give back every free chunk (the engine went idle): through the mapper when there
+        is one, else at once."""
+        if self.mapper_mode == "off":
+            self._measured("release", self.arena.release_free_chunks)
+        else:
+            self.map_ahead(0, 0)
+
+    def close_mapper(self) -> None:
+        """Stop a ``"thread"`` mapper (after its current batch) and book its last work."""
+        if self._mapper is not None:
+            self._mapper.close()
+            self._sync_thread_counters()
+
+    def _wait_for_mapper(self) -> None:
+        """The loop needs the driver or the mapper's new spare blocks: wait for the mapper's
+        queued work (inline: advance the clock to its end; thread: join it)."""
+        if self.mapper_mode == "inline":
+            wait = self._busy_until - self.clock.now
+            if wait > 0:
+                self.clock.now += wait
+                self.counters.mapper_wait_s += wait
+                self.counters.arena_time_s += wait
+        elif self._mapper is not None:
+            t0 = time.perf_counter()
+            self._mapper.wait()
+            wait = time.perf_counter() - t0
+            self.counters.mapper_wait_s += wait
+            self.counters.arena_time_s += wait
+            self.clock.now += wait
+            self._sync_thread_counters()
+
+    def _sync_thread_counters(self) -> None:
+        m = self._mapper
+        busy, mapped, unmapped = m.busy_s, m.chunks_mapped, m.chunks_unmapped
+        b0, m0, u0 = self._mapper_seen
+        self._mapper_seen = (busy, mapped, unmapped)
+        c = self.counters
+        c.time_background_s += busy - b0
+        c.map_calls += mapped - m0
+        c.unmap_calls += unmapped - u0
+        c.background_maps += int(mapped > m0)
+        c.background_unmaps += int(unmapped > u0)
 
     def swap_out(self, block_ids: np.ndarray) -> Any:
         """A host copy of the blocks (see :meth:`arena.PagedArena.swap_out`); charged as
@@ -242,11 +357,13 @@ class MeteredArena:
         ids = self.pools[pool].allocate(n)
         self.tables.add(seq_id)
         self.tables.append(seq_id, ids)
+        self.blocks_allocated += int(n)
         return ids
 
     def extend_sequence(self, seq_id: int, pool: str, n: int) -> None:
         """Allocate ``n`` more blocks from ``pool``'s lease to row ``seq_id``."""
         self.tables.append(seq_id, self.pools[pool].allocate(n))
+        self.blocks_allocated += int(n)
 
     def close_sequence(self, seq_id: int, pool: str) -> np.ndarray:
         """Remove row ``seq_id`` and free its blocks in ``pool`` (the lease stays).
@@ -265,27 +382,46 @@ class MeteredArena:
         self.pools[PREFILL].transfer(self.tables.blocks(seq_id), self.pools[DECODE])
 
     # ------------------------------------------------------------------ metering
-    def _measured(self, kind: str, fn: Callable[[], Any], *, bytes_copied: int = 0) -> Any:
-        """Run an arena call; charge what it mapped, unmapped, moved and copied."""
+    def _measured(self, kind: str, fn: Callable[[], Any], *, bytes_copied: int = 0,
+                  background: bool = False) -> Any:
+        """Run an arena call; charge what it mapped, unmapped, moved and copied (to the
+        background mapper's account with ``background``)."""
         a = self.arena
-        before = a.stats()
-        t0 = time.perf_counter()
-        try:
-            return fn()
-        finally:
-            wall = time.perf_counter() - t0
-            after = a.stats()
-            self._charge(ArenaOp(kind, wall,
-                                 chunks_mapped=after["map_calls"] - before["map_calls"],
-                                 chunks_unmapped=after["unmap_calls"] - before["unmap_calls"],
-                                 chunk_bytes=a.chunk_bytes,
-                                 blocks_moved=after["moves"] - before["moves"],
-                                 bytes_moved=after["bytes_moved"] - before["bytes_moved"],
-                                 bytes_copied=bytes_copied))
+        # Under the lock: a mapper thread's calls must not land between the two readings.
+        with a.lock:
+            before = a.stats()
+            t0 = time.perf_counter()
+            try:
+                return fn()
+            finally:
+                wall = time.perf_counter() - t0
+                after = a.stats()
+                self._charge(ArenaOp(kind, wall,
+                                     chunks_mapped=after["map_calls"] - before["map_calls"],
+                                     chunks_unmapped=after["unmap_calls"] - before["unmap_calls"],
+                                     chunk_bytes=a.chunk_bytes,
+                                     blocks_moved=after["moves"] - before["moves"],
+                                     bytes_moved=after["bytes_moved"] - before["bytes_moved"],
+                                     bytes_copied=bytes_copied), background=background)
 
-    def _charge(self, op: ArenaOp) -> None:
+    def _charge(self, op: ArenaOp, background: bool = False) -> None:
         cost = float(self.cost_model(op))
         c = self.counters
+        if background:
+            # Off the critical path: the mapper's queue grows, the loop's clock does not.
+            c.time_background_s += cost
+            c.arena_wall_s += op.wall_s
+            c.map_calls += op.chunks_mapped
+            c.unmap_calls += op.chunks_unmapped
+            c.background_maps += int(op.chunks_mapped > 0)
+            c.background_unmaps += int(op.chunks_unmapped > 0)
+            self._busy_until = max(self._busy_until, self.clock.now) + cost
+            if self._on_event is not None:
+                if op.chunks_mapped:
+                    self._on_event(EVENT_MAP)
+                if op.chunks_unmapped:
+                    self._on_event(EVENT_UNMAP)
+            return
         c.arena_time_s += cost
         c.arena_wall_s += op.wall_s
         if cost:

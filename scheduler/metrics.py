@@ -102,6 +102,14 @@ class Counters:
     time_swap_s: float = 0.0
     time_lease_s: float = 0.0
     plan_wall_s: float = 0.0
+    # Background mapper (scheduler.metered): driver seconds spent off the critical path,
+    # seconds the loop waited for it, lease raises that had to map on the loop's own
+    # thread (misses), and its map/unmap batches.
+    time_background_s: float = 0.0
+    mapper_wait_s: float = 0.0
+    map_misses: int = 0
+    background_maps: int = 0
+    background_unmaps: int = 0
 
     @property
     def preemptions(self) -> int:

@@ -84,8 +84,9 @@ def test_mispredictions_are_counted_and_served_by_emergency_grows():
     reqs = [Request(i, 3, 30, 30) for i in range(4)]
     loop.submit_many(reqs)
     m = run_checked(loop, reqs)
-    assert m.counters.lease_misses > 0
-    assert m.counters.emergency_grows == m.counters.lease_misses
+    # Every lease raise past the plan's budgets is an emergency grow; prompt chunks and
+    # planned growth raise leases too, inside the budgets, and are not.
+    assert 0 < m.counters.emergency_grows <= m.counters.lease_misses
     assert m.counters.preemptions == 0
     # A predictor that knows the truth never misses.
     arena2 = make_arena()
@@ -94,7 +95,7 @@ def test_mispredictions_are_counted_and_served_by_emergency_grows():
                                             margin_blocks=0, margin_fraction=0.0))
     reqs2 = [Request(i, 3, 30, 30) for i in range(4)]
     loop2.submit_many(reqs2)
-    assert run_checked(loop2, reqs2).counters.lease_misses == 0
+    assert run_checked(loop2, reqs2).counters.emergency_grows == 0
 
 
 def test_batches_respect_the_budget_and_chunk_prompts():
