@@ -442,8 +442,10 @@ class PagedArena:
         return src.astype(np.int64), dst.astype(np.int64), drop
 
     @guarded
-    def shrink(self) -> tuple[np.ndarray, np.ndarray]:
-        """Compact on the device and unmap every chunk the leases no longer need.
+    def shrink(self, unmap: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Compact on the device and unmap every chunk the leases no longer need (with
+        ``unmap=False`` those chunks are only emptied, for :meth:`release_free_chunks` to
+        give back later, e.g. from a background thread).
 
         Live blocks above the new top move to the lowest free blocks below it (the kernel
         copies them and rewrites the device block table in the same launch; the host mirror
@@ -460,7 +462,7 @@ class PagedArena:
         src, dst, drop = self.plan_shrink()
         if src.size:
             self._compact_moves(src, dst)
-        if drop.size:
+        if drop.size and unmap:
             try:
                 self._unmap_chunks(drop)
             except BaseException as exc:

@@ -96,6 +96,10 @@ class ReplaySetup:
     copy_free_compaction: bool = True
     #: the KV budget was given (--kv-budget-gib) rather than derived
     kv_budget_set: bool = False
+    #: background mapper of the elastic policies (scheduler.metered.MAPPER_MODES; "inline"
+    #: models a mapper thread on the host, "thread" runs one) and its prefetch quantile
+    mapper: str = "inline"
+    prefetch_quantile: float = 0.9
 
     def describe(self) -> dict:
         """The set-up as a JSON-ready dict (GiB and the latency/cost assumptions)."""
@@ -125,6 +129,8 @@ class ReplaySetup:
             "kv_budget_set": self.kv_budget_set,
             "max_tokens": self.max_tokens, "token_budget": self.token_budget,
             "max_running": self.max_running, "preemption": self.preemption,
+            "background_mapper": {"mode": self.loop_mapper(),
+                                  "prefetch_quantile": self.prefetch_quantile},
             "latency_model": {
                 "source": "scheduler.LatencyModel.from_hardware (roofline, 60% of peak, "
                           "2 ms step overhead)",
@@ -141,6 +147,13 @@ class ReplaySetup:
                                    "model") if self.copy_free_compaction else
                                   "kernels.compact_blocks (bytes copied)",
         }
+
+    def loop_mapper(self) -> str:
+        """The loop's mapper mode: "inline" needs modeled costs, so with CUDA (wall-clock
+        costs) a mapper runs as a real thread."""
+        if self.mapper == "inline" and self.arena_device == "cuda":
+            return "thread"
+        return self.mapper
 
     def cost_model(self):
         """The arena-operation cost model: modeled GPU time on the host backend, measured
@@ -284,7 +297,8 @@ def run_policy(setup: ReplaySetup, trace: Trace, policy: str, *, progress: bool 
     config = LoopConfig(memory=memory, predictor=pred or "max_tokens",
                         token_budget=setup.token_budget, max_running=setup.max_running,
                         cap_bytes=setup.kv_budget_bytes, static_bytes=setup.kv_budget_bytes,
-                        preemption=setup.preemption, oversize="reject", planner=planner)
+                        preemption=setup.preemption, oversize="reject", planner=planner,
+                        mapper=setup.loop_mapper(), prefetch_quantile=setup.prefetch_quantile)
     wall0 = time.perf_counter()
     loop = EngineLoop(arena, latency_step(truth),
                       LatencyModel.from_hardware(setup.model, setup.device), config,
@@ -322,8 +336,8 @@ def run_policy(setup: ReplaySetup, trace: Trace, policy: str, *, progress: bool 
     counters = c.as_dict()
     counters.update(
         preemptions=c.preemptions,
-        # a lease miss is a misprediction only where leases come from a prediction
-        mispredictions=c.lease_misses if memory == "windowed" else None)
+        # a lease raise past the plan's budgets (an emergency grow) is a misprediction
+        mispredictions=c.emergency_grows if memory == "windowed" else None)
     counters = {k: v for k, v in counters.items() if v is not None}
     all_reqs = [loop.requests[i] for i in range(n)]
     rejected = np.array([bool(r.extra.get("rejected")) for r in all_reqs])
@@ -397,6 +411,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="windowed: seconds of admissions (at the recent rate) whose blocks a "
                         "shrink keeps mapped for the next window (default: the scheduler's, "
                         "0.25 s; 0 follows live memory as closely as possible)")
+    p.add_argument("--mapper", default="inline", choices=("off", "inline", "thread"),
+                   help="background mapper of the elastic policies: maps ahead of need and "
+                        "unmaps off the step loop (inline: modeled on the host; off: every "
+                        "driver call on the step loop)")
+    p.add_argument("--prefetch-quantile", type=float, default=0.9,
+                   help="quantile of recent unforeseen per-step demand kept mapped ahead")
     p.add_argument("--copy-kv-bytes", action="store_true",
                    help="host backend: let compaction copy block bytes with the real kernel "
                         "(slow: faults in pages of the host mapping); by default it only "
@@ -517,6 +537,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                             token_budget=args.token_budget, max_running=args.max_running,
                             preemption=args.preemption, copy_kv_bytes=args.copy_kv_bytes,
                             kv_budget_gib=args.kv_budget_gib)
+        setup.mapper = args.mapper
+        cli_checks.check_number("--prefetch-quantile", args.prefetch_quantile, 0.0, 1.0)
+        setup.prefetch_quantile = args.prefetch_quantile
         # last, so a bad argument creates no folder; still before any compute
         out = cli_checks.check_out_dir(args.out)
     except (ValueError, TypeError) as exc:

@@ -29,7 +29,8 @@ GIB = float(1 << 30)
 COUNTER_KEYS: tuple[str, ...] = (
     "map_calls", "unmap_calls", "compaction_bytes", "compaction_moves", "preemptions",
     "mispredictions", "time_map_s", "time_unmap_s", "time_compact_s", "time_swap_s",
-    "recomputed_tokens", "swap_out_bytes", "time_background_s", "mapper_wait_s")
+    "recomputed_tokens", "swap_out_bytes", "time_background_s", "mapper_wait_s",
+    "startup_map_s")
 
 
 @dataclass
@@ -161,6 +162,7 @@ def summarize(run: RunRecord) -> dict[str, Any]:
         "arena_time_frac": m.ratio(arena_time, span),
         "arena_total_time_s": arena_total,
         "arena_total_time_frac": m.ratio(arena_total, span),
+        "startup_map_s": c["startup_map_s"],
         "counters": c,
         "info": dict(run.info),
     }
@@ -185,8 +187,10 @@ METRIC_ROWS: tuple[tuple[str, str, str], ...] = (
     ("throughput (tok/s)", "throughput_tok_s", "tok"),
     ("TTFT p50 / p99 (s)", "ttft_p50_s|ttft_p99_s", "s"),
     ("TPOT p50 / p99 (ms)", "tpot_p50_s|tpot_p99_s", "ms"),
-    ("map+unmap+compact time (% of replay)", "arena_time_frac", "pct"),
-    ("  same, total driver time (% of replay)", "arena_total_time_frac", "pct"),
+    ("arena time on the step loop (% of replay)", "arena_time_frac", "pct"),
+    ("  all driver + compaction time, mapper's too (% of replay)", "arena_total_time_frac",
+     "pct"),
+    ("start-up mapping before serving (s)", "startup_map_s", "s"),
 )
 
 

@@ -217,7 +217,12 @@ class OnDemandMemory(_ReleaseAfterAdmissions):
         a.lower_to(DECODE if pool == PREFILL else PREFILL, 0)
         step = a.blocks_per_chunk * self.settings.on_demand_chunks
         spare = a.mapped_blocks - a.leased_blocks
-        want = spare if spare >= n else spare + -(-(n - spare) // step) * step
+        # Without a mapper the lease takes every spare block (each later raise is free);
+        # with one, just what is needed, so the spare stays the mapper's to size.
+        if spare >= n:
+            want = n if a.mapper_mode != "off" else spare
+        else:
+            want = spare + -(-(n - spare) // step) * step
         for g in dict.fromkeys((want, n)):
             if a.grow(pool, g):
                 a.counters.on_demand_grows += 1

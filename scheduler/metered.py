@@ -240,7 +240,9 @@ class MeteredArena:
 
     def shrink(self, keep_blocks: int = 0) -> None:
         """Compact on the device and unmap every chunk above the leases plus up to
-        ``keep_blocks`` mapped-unleased blocks (kept mapped for what comes next)."""
+        ``keep_blocks`` mapped-unleased blocks (kept mapped for what comes next). With a
+        background mapper the emptied chunks are its to unmap (at the next
+        :meth:`map_ahead`)."""
         a = self.arena
         self._wait_for_mapper()
         # The kept blocks ride on the prefill lease through the shrink, so the chunks that
@@ -249,8 +251,11 @@ class MeteredArena:
         p = self.pools[PREFILL]
         base = p.lease
         self.resize(PREFILL, base + extra)
+        # With a mapper the compaction only empties the top chunks; the mapper gives them
+        # back at the next launch, off the step loop.
+        unmap = self.mapper_mode == "off"
         try:
-            self._measured("shrink", a.shrink)
+            self._measured("shrink", lambda: a.shrink(unmap))
         finally:
             self.resize(PREFILL, base)
         self.counters.shrinks += 1
@@ -407,6 +412,14 @@ class MeteredArena:
     def _charge(self, op: ArenaOp, background: bool = False) -> None:
         cost = float(self.cost_model(op))
         c = self.counters
+        if op.kind == "static":
+            # Start-up mapping happens before the engine serves: reported apart, and no
+            # request waits on it.
+            c.startup_map_s += cost
+            c.map_calls += op.chunks_mapped
+            if self._on_event is not None and op.chunks_mapped:
+                self._on_event(EVENT_MAP)
+            return
         if background:
             # Off the critical path: the mapper's queue grows, the loop's clock does not.
             c.time_background_s += cost

@@ -106,6 +106,7 @@ class Counters:
     # seconds the loop waited for it, lease raises that had to map on the loop's own
     # thread (misses), and its map/unmap batches.
     time_background_s: float = 0.0
+    startup_map_s: float = 0.0     # static's mapping before serving (not on any clock)
     mapper_wait_s: float = 0.0
     map_misses: int = 0
     background_maps: int = 0
