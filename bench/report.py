@@ -143,6 +143,7 @@ def summarize(run: RunRecord) -> dict[str, Any]:
         "unmap_calls": int(c["unmap_calls"]),
         "compaction_gib": c["compaction_bytes"] / GIB,
         "preemptions": int(c["preemptions"]),
+        "preemptions_planned": int(c.get("preemptions_planned", 0)),
         "recomputed_tokens": int(c["recomputed_tokens"]),
         # whole blocks go over the link: tokens here include the last block's padding
         "swapped_tokens": (int(c["swap_out_bytes"] // token_bytes) if token_bytes else None),
@@ -181,6 +182,7 @@ METRIC_ROWS: tuple[tuple[str, str, str], ...] = (
     ("unmap calls", "unmap_calls", "int"),
     ("compaction moved (GiB)", "compaction_gib", "gib"),
     ("preemptions", "preemptions", "int"),
+    ("  of which planned before a step", "preemptions_planned", "int"),
     ("recomputed / swapped tokens", "recomputed_tokens|swapped_tokens", "int"),
     ("mispredictions", "mispredictions", "int"),
     ("requests finished", "requests_finished", "int"),

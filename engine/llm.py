@@ -75,6 +75,9 @@ class LLM:
             :class:`scheduler.PlannerConfig` for "windowed". arena_granularity: chunk
             granularity of the host (CPU) arena in bytes (small values make tests map,
             unmap and compact often). cuda_graphs: capture decode steps (CUDA only).
+        background_mapper: map ahead of need and unmap on a separate thread
+            (:class:`arena.BackgroundMapper`) for the elastic policies, so a step waits on
+            the driver only when a block was not mapped ahead.
     """
 
     def __init__(self, model: Any, device: str | torch.device = "cpu", *, block_size: int = 16,
@@ -82,7 +85,8 @@ class LLM:
                  dtype: Any = "auto", seed: int = 0, memory_policy: str = "static",
                  predictor: Any = "empirical", kv_cache_memory_bytes: int | None = None,
                  max_model_len: int | None = None, preemption: str = "auto", planner=None,
-                 arena_granularity: int | None = None, cuda_graphs: bool = True) -> None:
+                 arena_granularity: int | None = None, cuda_graphs: bool = True,
+                 background_mapper: bool = False) -> None:
         device = torch.device(device)
         if device.type not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {str(device)!r}")
@@ -99,7 +103,8 @@ class LLM:
         # Checked before anything is built (the arena holds device memory).
         config = LoopConfig(memory=memory_policy, predictor=predictor,
                             token_budget=max_num_batched_tokens, max_running=max_num_seqs,
-                            preemption=preemption, planner=planner)
+                            preemption=preemption, planner=planner,
+                            mapper="thread" if background_mapper else "off")
         if kv_cache_memory_bytes is not None and (
                 isinstance(kv_cache_memory_bytes, bool)
                 or not isinstance(kv_cache_memory_bytes, int) or kv_cache_memory_bytes <= 0):
@@ -215,5 +220,8 @@ class LLM:
         return outs
 
     def close(self) -> None:
-        """Return the arena's device memory."""
-        self.arena.close()
+        """Stop the background mapper, if any, and return the arena's device memory."""
+        try:
+            self.loop.metered.close_mapper()
+        finally:
+            self.arena.close()

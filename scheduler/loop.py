@@ -484,6 +484,7 @@ class EngineLoop:
             raise TypeError(f"decision must be a Decision, got {type(decision).__name__}")
         for rid, swap in decision.preempt:
             self.preempt(self.requests[rid], bool(swap))
+        self.metrics.counters.preemptions_planned += len(decision.preempt)
         m = self.metered
         if decision.targets is not None:
             m.set_leases(*decision.targets)

@@ -105,6 +105,7 @@ class Counters:
     # Background mapper (scheduler.metered): driver seconds spent off the critical path,
     # seconds the loop waited for it, lease raises that had to map on the loop's own
     # thread (misses), and its map/unmap batches.
+    preemptions_planned: int = 0   # of the preemptions: decided by a plan before a step
     time_background_s: float = 0.0
     startup_map_s: float = 0.0     # static's mapping before serving (not on any clock)
     mapper_wait_s: float = 0.0

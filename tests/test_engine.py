@@ -184,6 +184,18 @@ def test_each_memory_policy(policy, torch_kernels):
     check_identical("llama", outs)
 
 
+@pytest.mark.parametrize("policy", ["on-demand", "windowed"])
+def test_background_mapper_thread_changes_no_token(policy, torch_kernels):
+    """A mapper thread maps and unmaps chunks while the model steps: same tokens and
+    logits, and the mapper did work."""
+    llm, outs = run_engine("llama", memory_policy=policy, max_num_seqs=3,
+                           background_mapper=True, **SMALL)
+    c = llm.loop.metrics.counters
+    llm.close()
+    assert c.time_background_s > 0 and c.background_maps > 0
+    check_identical("llama", outs)
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_torch_fallback_kernels(family, torch_kernels, monkeypatch):
     """The same identity with every kernel as its documented torch fallback."""
