@@ -11,8 +11,11 @@ that carries both pays the weight read once:
 
 :meth:`LatencyModel.observe` adds a measured step; the coefficients are refitted lazily by
 least squares over a sliding window of recent steps, regularised towards a prior (ridge
-towards the prior coefficients, each feature scaled by its typical size), so a cold model
-predicts the prior and a warm one follows the data. The prior is given as numbers or derived
+towards the prior coefficients, each feature scaled by its typical size) and constrained to
+non-negative coefficients, so a cold model predicts the prior and a warm one follows the
+data. Being linear, it cannot follow a device whose step time is a roofline maximum (the
+weight read hides under the GEMMs of a long prompt chunk): its error on such steps is the
+price of a model cheap enough to query many times per plan. The prior is given as numbers or derived
 by :meth:`LatencyModel.from_hardware` from a :class:`ModelShape` and a :class:`DeviceSpec`.
 """
 from __future__ import annotations
@@ -240,6 +243,13 @@ class LatencyModel:
         attention FLOPs) / (FLOP/s * efficiency). ``efficiency`` in (0, 1] is the fraction
         of peak reached; ``step_overhead_s`` the fixed launch/scheduling cost of a step.
         Extra keyword arguments go to the constructor (window, prior_weight).
+
+        A deliberately pessimistic cold start: memory and compute times add (no roofline
+        max) and the defaults are conservative, so Llama-3-8B decoding one sequence at 1k
+        context on an h100-sxm is predicted at 10.1 ms, where public measurements give
+        6-7 ms (``bench.step_truth``, the host replay's simulated GPU, gives 6.5 ms). An
+        engine starting from it admits cautiously until the online fit (tens of steps)
+        replaces it with what the device really does.
         """
         if not isinstance(model, ModelShape):
             raise TypeError(f"model must be a ModelShape, got {type(model).__name__}")
