@@ -182,10 +182,12 @@ class StepTruth:
                 "sources": SOURCES,
                 "calibration_noise_free": self.calibration()}
 
-    def step_fn(self, planner: LatencyModel | None = None) -> "SimulatedStep":
+    def step_fn(self, planner: LatencyModel | None = None, *,
+                score_every: int = 1) -> "SimulatedStep":
         """A fresh model step for :class:`scheduler.EngineLoop` (its own generator, seeded
-        with ``seed``), recording the error of ``planner``'s predictions when given."""
-        return SimulatedStep(self, planner)
+        with ``seed``), recording the error of ``planner``'s predictions when given (see
+        :class:`SimulatedStep` for ``score_every``)."""
+        return SimulatedStep(self, planner, score_every=score_every)
 
 
 #: Where the constants of :class:`StepTruth` come from (also in replay.json).
@@ -210,22 +212,34 @@ def _is_number(v) -> bool:
             and math.isfinite(v))
 
 
+#: Steps every :class:`SimulatedStep` scores before it samples every ``score_every``-th.
+SCORED_FIRST = 32
+
+
 class SimulatedStep:
     """A model step callable ``(Batch) -> seconds`` drawing from a :class:`StepTruth`, and
     the log of how far a planner's latency model was from each step it was about to see.
 
     The loop calls the step before it feeds the duration to its latency model, so
     ``planner.predict_step`` here is exactly the one-step-ahead prediction the planner had
-    for this batch.
+    for this batch. Asking for it refits the model (a few hundred microseconds of host time
+    per step on a slow CPU, where a policy that never predicts would not refit at all), so
+    after the first :data:`SCORED_FIRST` steps only every ``score_every``-th step is scored.
+    Scoring changes nothing the loop sees: the refit is a pure function of the observations.
     """
 
-    def __init__(self, truth: StepTruth, planner: LatencyModel | None = None) -> None:
+    def __init__(self, truth: StepTruth, planner: LatencyModel | None = None, *,
+                 score_every: int = 1) -> None:
         if not isinstance(truth, StepTruth):
             raise TypeError(f"truth must be a StepTruth, got {type(truth).__name__}")
         if planner is not None and not isinstance(planner, LatencyModel):
             raise TypeError(f"planner must be a LatencyModel, got {type(planner).__name__}")
+        if isinstance(score_every, bool) or not isinstance(score_every, int) or score_every < 1:
+            raise ValueError(f"score_every must be an int >= 1, got {score_every!r}")
         self.truth = truth
         self.planner = planner
+        self.score_every = score_every
+        self.steps = 0
         self._rng = np.random.default_rng(truth.seed)
         self._shift = -0.5 * truth.noise_sigma ** 2       # mean-one jitter
         self._predicted: list[float] = []
@@ -242,7 +256,9 @@ class SimulatedStep:
     def __call__(self, batch) -> float:
         work = StepWork.of_batch(batch)
         actual = self.seconds(work)
-        if self.planner is not None:
+        self.steps += 1
+        if self.planner is not None and (self.steps <= SCORED_FIRST
+                                         or self.steps % self.score_every == 0):
             self._predicted.append(self.planner.predict_step(*work.features()))
             self._actual.append(actual)
             self._has_prefill.append(work.prefill_tokens > 0)
@@ -250,11 +266,11 @@ class SimulatedStep:
 
     def prediction_error(self) -> dict[str, Any]:
         """How the planner's one-step-ahead predictions compared with the simulated truth,
-        JSON-ready: ``steps``; ``mape_pct`` (mean of ``|pred - true| / true``, in %),
+        JSON-ready: ``steps`` (scored; ``steps_run``: all); ``mape_pct`` (mean of ``|pred - true| / true``, in %),
         ``bias_pct`` (mean of ``(pred - true) / true``: > 0 means the planner
         over-predicts), ``abs_pct_p50`` / ``abs_pct_p99``; the same MAPE over decode-only
-        steps and over steps carrying prompt tokens; and over the first 32 steps (cold
-        model, mostly the prior). Values are None where there are no steps."""
+        steps and over steps carrying prompt tokens; and over the first :data:`SCORED_FIRST`
+        steps (cold model, mostly the prior). Values are None where there are no steps."""
         pred = np.asarray(self._predicted, dtype=np.float64)
         true = np.asarray(self._actual, dtype=np.float64)
         pre = np.asarray(self._has_prefill, dtype=bool)
@@ -265,8 +281,9 @@ class SimulatedStep:
 
         every = np.ones(rel.size, dtype=bool)
         first = np.zeros(rel.size, dtype=bool)
-        first[:32] = True
-        return {"steps": int(rel.size),
+        first[:SCORED_FIRST] = True
+        return {"steps": int(rel.size), "steps_run": self.steps,
+                "score_every": self.score_every,
                 "mape_pct": mape(every),
                 "bias_pct": float(rel.mean()) if rel.size else None,
                 "abs_pct_p50": float(np.percentile(np.abs(rel), 50)) if rel.size else None,

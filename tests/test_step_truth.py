@@ -262,3 +262,29 @@ def test_the_cli_charges_measured_costs_and_says_so(tmp_path):
     assert replay.main([*argv, "--arena-costs-dir", "none"]) == 0
     doc = json.loads((out / "replay.json").read_text())
     assert doc["setup"]["arena_cost_model"]["map_unmap_source"] == "assumed"
+
+
+def test_scoring_samples_steps_and_changes_nothing_the_loop_sees(monkeypatch):
+    from bench.traces import Trace
+
+    rng = np.random.default_rng(6)
+    trace = Trace("few", "test", np.sort(rng.uniform(0, 0.1, 6)), rng.integers(50, 300, 6),
+                  rng.integers(20, 60, 6))
+    setup = replay.build_setup(max_tokens=64, arena_costs_dir=None)
+    runs = {}
+    for every in (1, 8):
+        monkeypatch.setattr(replay, "SCORE_EVERY", every)
+        runs[every] = replay.run_policy(setup, trace, "windowed:empirical", progress=False)
+    def simulated(c):     # every counter but the host's own wall-clock seconds
+        return {k: v for k, v in c.items() if not k.endswith("wall_s")}
+
+    assert simulated(runs[1].counters) == simulated(runs[8].counters)
+    assert np.array_equal(runs[1].finish_s, runs[8].finish_s)
+    n = runs[1].info["steps"]
+    assert n > 40
+    assert runs[1].info["latency_prediction"]["steps"] == n
+    # the first 32 steps, then steps 40, 48, ...
+    assert runs[8].info["latency_prediction"]["steps"] == 32 + (n // 8 - 4)
+    assert runs[8].info["latency_prediction"]["steps_run"] == n
+    with pytest.raises(ValueError, match="score_every"):
+        _quiet().step_fn(score_every=0)
