@@ -16,17 +16,17 @@ same trace, the same model and the same device memory:
 Without a GPU the arena runs on the host backend with the named model's real KV geometry
 (so mapped bytes are that model's real figures; the step model writes no KV, and untouched
 pages of the anonymous mapping cost no memory; for the same reason compaction rewrites the
-block tables without copying block bytes unless ``--copy-kv-bytes``). Model steps take the time a simulated GPU gives
-(:class:`bench.step_truth.StepTruth`: a roofline per kernel class with sourced efficiencies,
-a multiplicative ``--step-bias`` and seeded lognormal jitter ``--step-noise``), while the
-loop plans with its own :class:`scheduler.LatencyModel`, cold-started from
-:meth:`~scheduler.LatencyModel.from_hardware` and fitted online, so its prediction error is
-real and reported per policy (``info.latency_prediction`` in replay.json). Map/unmap/compaction
-are charged a modeled GPU cost (:class:`scheduler.costs.ModeledGPUCost`): per-chunk map/unmap
-figures measured on the named device when ``bench/results/`` holds them
-(:mod:`bench.measured_costs`), assumed constants otherwise; the source is printed with the
-results. With CUDA the arena maps real device memory and arena operations are charged their
-measured wall-clock time.
+block tables without copying block bytes unless ``--copy-kv-bytes``). Model steps take the
+time a simulated GPU gives (:class:`bench.step_truth.StepTruth`: a roofline per kernel class
+with sourced efficiencies, a multiplicative ``--step-bias`` and seeded lognormal jitter
+``--step-noise``), while the loop plans with its own :class:`scheduler.LatencyModel`,
+cold-started from :meth:`~scheduler.LatencyModel.from_hardware` and fitted online, so its
+prediction error is real and reported per policy (``info.latency_prediction`` in
+replay.json). Map/unmap/compaction are charged a modeled GPU cost
+(:class:`scheduler.costs.ModeledGPUCost`): per-chunk map/unmap figures measured on the named
+device when ``bench/results/`` holds them (:mod:`bench.measured_costs`), assumed constants
+otherwise; the source is printed with the results. With CUDA the arena maps real device
+memory and arena operations are charged their measured wall-clock time.
 
 Memory budget (bytes): ``device_limit = device memory - weights - activation reserve``
 (what the device has for KV); every policy is capped at ``kv_budget = device memory x

@@ -266,9 +266,10 @@ class SimulatedStep:
 
     def prediction_error(self) -> dict[str, Any]:
         """How the planner's one-step-ahead predictions compared with the simulated truth,
-        JSON-ready: ``steps`` (scored; ``steps_run``: all); ``mape_pct`` (mean of ``|pred - true| / true``, in %),
-        ``bias_pct`` (mean of ``(pred - true) / true``: > 0 means the planner
-        over-predicts), ``abs_pct_p50`` / ``abs_pct_p99``; the same MAPE over decode-only
+        JSON-ready: ``steps`` (scored; ``steps_run``: all); ``mape_pct`` (mean of
+        ``|pred - true| / true``, in %), ``bias_pct`` (mean of ``(pred - true) / true``:
+        > 0 means the planner over-predicts), ``abs_pct_p50`` / ``abs_pct_p99``; the same
+        MAPE over decode-only
         steps and over steps carrying prompt tokens; and over the first :data:`SCORED_FIRST`
         steps (cold model, mostly the prior). Values are None where there are no steps."""
         pred = np.asarray(self._predicted, dtype=np.float64)
