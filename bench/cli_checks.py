@@ -79,6 +79,16 @@ def check_replay_numbers(*, device_memory_gib: float | None, activation_reserve_
             f"{MAX_TABLE_BYTES >> 20} MiB): lower one of them")
 
 
+def check_step_truth_numbers(*, step_noise: float, step_bias: float, seed: int) -> None:
+    """Range-check the simulated GPU's options (:class:`bench.step_truth.StepTruth`):
+    ``--step-noise`` (log-space sigma) in [0, 1], ``--step-bias`` (a factor) in (0, 100],
+    ``--seed`` an integer in [0, 2**63). Raises ValueError naming the first bad option."""
+    check_number("--step-noise", step_noise, 0, 1)
+    check_number("--step-bias", step_bias, 0, 100, lo_open=True)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 63:
+        raise ValueError(f"--seed must be an integer in [0, 2**63), got {seed!r}")
+
+
 def drop_over_max_model_len(trace, max_model_len: int, max_tokens: int):
     """``(trace without its over-long requests, how many were dropped, longest dropped)``.
 

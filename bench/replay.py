@@ -16,11 +16,17 @@ same trace, the same model and the same device memory:
 Without a GPU the arena runs on the host backend with the named model's real KV geometry
 (so mapped bytes are that model's real figures; the step model writes no KV, and untouched
 pages of the anonymous mapping cost no memory; for the same reason compaction rewrites the
-block tables without copying block bytes unless ``--copy-kv-bytes``). Model steps take the time
-:meth:`scheduler.LatencyModel.from_hardware` predicts for the named model and device, and
-map/unmap/compaction are charged a modeled GPU cost (:class:`scheduler.costs.ModeledGPUCost`,
-constants printed with the results). With CUDA the arena maps real device memory and arena
-operations are charged their measured wall-clock time.
+block tables without copying block bytes unless ``--copy-kv-bytes``). Model steps take the
+time a simulated GPU gives (:class:`bench.step_truth.StepTruth`: a roofline per kernel class
+with sourced efficiencies, a multiplicative ``--step-bias`` and seeded lognormal jitter
+``--step-noise``), while the loop plans with its own :class:`scheduler.LatencyModel`,
+cold-started from :meth:`~scheduler.LatencyModel.from_hardware` and fitted online, so its
+prediction error is real and reported per policy (``info.latency_prediction`` in
+replay.json). Map/unmap/compaction are charged a modeled GPU cost
+(:class:`scheduler.costs.ModeledGPUCost`): per-chunk map/unmap figures measured on the named
+device when ``bench/results/`` holds them (:mod:`bench.measured_costs`), assumed constants
+otherwise; the source is printed with the results. With CUDA the arena maps real device
+memory and arena operations are charged their measured wall-clock time.
 
 Memory budget (bytes): ``device_limit = device memory - weights - activation reserve``
 (what the device has for KV); every policy is capped at ``kv_budget = device memory x
@@ -41,6 +47,7 @@ import numpy as np
 from arena.block_tables import remap_block_ids
 from bench import cli_checks, report
 from bench.kernel_warmup import warm_up_compaction
+from bench.measured_costs import RESULTS_ROOT, find_measured_arena_cost
 from scheduler.memory import MEMORY_POLICIES as _MEMORY_REGISTRY
 from scheduler.policies import PREEMPTION_MODES as _PREEMPTION_REGISTRY
 from scheduler.predictor import PREDICTORS as _PREDICTOR_REGISTRY
@@ -57,6 +64,9 @@ ALL_POLICIES = REACTIVE + tuple(f"windowed:{p}" for p in PREDICTORS)
 #: device ``copy_`` reaches roughly 75-85% of peak on H100-class HBM; bench._common's
 #: copy_bandwidth measures it on a GPU).
 COPY_EFFICIENCY = 0.8
+#: Score the planner's step-time prediction on every 8th step (after the first 32): a few
+#: thousand samples per replay, without refitting its latency model on every step.
+SCORE_EVERY = 8
 
 
 def _models() -> dict:
@@ -100,6 +110,20 @@ class ReplaySetup:
     #: models a mapper thread on the host, "thread" runs one) and its prefetch quantile
     mapper: str = "inline"
     prefetch_quantile: float = 0.9
+    #: the simulated GPU's step times: multiplicative bias, lognormal jitter sigma, seed
+    step_bias: float = 1.0
+    step_noise: float = 0.03
+    seed: int = 0
+    #: map/unmap seconds per chunk measured on this device (bench.measured_costs), or None
+    measured_arena_cost: Any = None
+
+    def step_truth(self):
+        """The simulated GPU (:class:`bench.step_truth.StepTruth`) every policy's steps take
+        their durations from."""
+        from bench.step_truth import StepTruth
+
+        return StepTruth(self.model, self.device, bias=self.step_bias,
+                         noise_sigma=self.step_noise, seed=self.seed)
 
     def describe(self) -> dict:
         """The set-up as a JSON-ready dict (GiB and the latency/cost assumptions)."""
@@ -131,9 +155,12 @@ class ReplaySetup:
             "max_running": self.max_running, "preemption": self.preemption,
             "background_mapper": {"mode": self.loop_mapper(),
                                   "prefetch_quantile": self.prefetch_quantile},
+            # what the planner starts from (fitted online to the step_truth's durations)
             "latency_model": {
                 "source": "scheduler.LatencyModel.from_hardware (roofline, 60% of peak, "
                           "2 ms step overhead)",
+                "role": "the planner's cold-start prior, refitted online from observed "
+                        "steps; deliberately not the simulated truth",
                 "coefficients": dict(zip(("step_s", "per_prefill_token_s",
                                           "per_attn_pair_s", "per_decode_seq_s",
                                           "per_decode_context_token_s"), c.tolist())),
@@ -141,6 +168,9 @@ class ReplaySetup:
                 "decode_step_32seq_32k_ctx_ms": lat.decode_time(32, 32 * 1024) * 1e3,
                 "prefill_1k_tokens_ms": lat.prefill_time(1024, 1024 * 1025 / 2) * 1e3,
             },
+            # what the steps really take (a simulated GPU, also next to a CUDA arena: the
+            # replay runs no forward pass)
+            "step_truth": self.step_truth().describe(),
             "arena_cost_model": self.cost_describe(),
             "compaction_on_host": ("block tables rewritten, block bytes not copied (no KV "
                                    "is written by the step model); moves charged by the cost "
@@ -162,13 +192,26 @@ class ReplaySetup:
 
         if self.arena_device == "cuda":
             return wall_clock_cost
-        return ModeledGPUCost(device_bandwidth=COPY_EFFICIENCY * self.device.hbm_bandwidth)
+        measured = self.measured_arena_cost
+        per_chunk = {} if measured is None else {
+            "map_s_per_chunk": measured.map_s_per_chunk,
+            "unmap_s_per_chunk": measured.unmap_s_per_chunk}
+        return ModeledGPUCost(device_bandwidth=COPY_EFFICIENCY * self.device.hbm_bandwidth,
+                              **per_chunk)
 
     def cost_describe(self) -> dict:
         if self.arena_device == "cuda":
             return {"source": "measured wall-clock time of each arena call (CUDA)"}
         cm = self.cost_model()
-        return {"source": "scheduler.costs.ModeledGPUCost (assumed, not measured)",
+        measured = self.measured_arena_cost
+        where = {"map_unmap_source": "assumed"} if measured is None else {
+            "map_unmap_source": f"measured: {measured.path} ({measured.date_utc}, "
+                                f"{measured.device_name})", **measured.describe()}
+        return {"source": "scheduler.costs.ModeledGPUCost (" + (
+                    "assumed, not measured" if measured is None else
+                    f"map/unmap measured on {measured.device_name}, {measured.path}; "
+                    "compaction and swap modeled") + ")",
+                **where,
                 "map_per_chunk_us": cm.map_s_per_chunk * 1e6,
                 "unmap_per_chunk_us": cm.unmap_s_per_chunk * 1e6,
                 "compaction_copy_bandwidth_TBps": cm.device_bandwidth / 1e12,
@@ -183,11 +226,15 @@ def build_setup(*, model: str = "llama-3-8b", device: str = "h100-sxm",
                 memory_utilization: float = 0.9, block_size: int = 16, max_tokens: int = 2048,
                 token_budget: int = 2048, max_running: int = 256, preemption: str = "auto",
                 arena_device: str | None = None, copy_kv_bytes: bool = False,
-                kv_budget_gib: float | None = None) -> ReplaySetup:
+                kv_budget_gib: float | None = None, step_bias: float = 1.0,
+                step_noise: float = 0.03, seed: int = 0,
+                arena_costs_dir=RESULTS_ROOT) -> ReplaySetup:
     """Resolve presets and memory figures. ``kv_budget_gib``: the KV budget (every policy's
     cap and static's reservation) in GiB instead of the one derived from
-    ``memory_utilization``; at most the device limit. Raises ValueError naming the bad
-    argument."""
+    ``memory_utilization``; at most the device limit. ``step_bias``, ``step_noise``,
+    ``seed``: the simulated GPU's (:class:`bench.step_truth.StepTruth`). ``arena_costs_dir``:
+    folder searched for map/unmap costs measured on ``device`` (:mod:`bench.measured_costs`;
+    None: assumed constants). Raises ValueError naming the bad argument."""
     import dataclasses
 
     import torch
@@ -234,11 +281,15 @@ def build_setup(*, model: str = "llama-3-8b", device: str = "h100-sxm",
         limit = min(limit, int(free) - (256 << 20))
         budget = min(budget, limit)
     spec = m.kv_spec(block_size)
-    return ReplaySetup(m, d, arena_device, block_size, d.memory_bytes, weights, reserve,
-                       memory_utilization, limit, budget, max_tokens, token_budget,
-                       max_running, preemption, spec,
-                       copy_free_compaction=arena_device == "cpu" and not copy_kv_bytes,
-                       kv_budget_set=kv_budget_gib is not None)
+    setup = ReplaySetup(m, d, arena_device, block_size, d.memory_bytes, weights, reserve,
+                        memory_utilization, limit, budget, max_tokens, token_budget,
+                        max_running, preemption, spec,
+                        copy_free_compaction=arena_device == "cpu" and not copy_kv_bytes,
+                        kv_budget_set=kv_budget_gib is not None, step_bias=step_bias,
+                        step_noise=step_noise, seed=seed,
+                        measured_arena_cost=find_measured_arena_cost(device, arena_costs_dir))
+    setup.step_truth()   # validates the truth's parameters now, naming the bad one
+    return setup
 
 
 # ------------------------------------------------------------------------------ one policy
@@ -280,7 +331,7 @@ def run_policy(setup: ReplaySetup, trace: Trace, policy: str, *, progress: bool 
     scheduler's defaults)."""
     from arena import PagedArena
     from scheduler.latency import LatencyModel
-    from scheduler.loop import EngineLoop, LoopConfig, latency_step
+    from scheduler.loop import EngineLoop, LoopConfig
     from scheduler.request import Request
 
     memory, pred = parse_policy(policy)
@@ -293,16 +344,16 @@ def run_policy(setup: ReplaySetup, trace: Trace, policy: str, *, progress: bool 
                        compact_fn=remap_tables_only if setup.copy_free_compaction else None)
     # CUDA: compile the compaction kernel now, so JIT time is not charged to the first shrink.
     warm_up_compaction(arena)
-    truth = LatencyModel.from_hardware(setup.model, setup.device)
+    # The planner's model is a prior fitted online; the steps take the simulated GPU's time.
+    planner_latency = LatencyModel.from_hardware(setup.model, setup.device)
+    step = setup.step_truth().step_fn(planner_latency, score_every=SCORE_EVERY)
     config = LoopConfig(memory=memory, predictor=pred or "max_tokens",
                         token_budget=setup.token_budget, max_running=setup.max_running,
                         cap_bytes=setup.kv_budget_bytes, static_bytes=setup.kv_budget_bytes,
                         preemption=setup.preemption, oversize="reject", planner=planner,
                         mapper=setup.loop_mapper(), prefetch_quantile=setup.prefetch_quantile)
     wall0 = time.perf_counter()
-    loop = EngineLoop(arena, latency_step(truth),
-                      LatencyModel.from_hardware(setup.model, setup.device), config,
-                      cost_model=setup.cost_model())
+    loop = EngineLoop(arena, step, planner_latency, config, cost_model=setup.cost_model())
     n = len(trace)
     reqs = [Request(i, int(p), setup.max_tokens, int(o), float(a)) for i, (a, p, o) in
             enumerate(zip(trace.arrival_s, trace.prompt_tokens, trace.output_tokens))]
@@ -355,7 +406,8 @@ def run_policy(setup: ReplaySetup, trace: Trace, policy: str, *, progress: bool 
               "wall_s": wall, "steps": c.steps, "timeline_samples": int(tl["t_s"].size),
               "chunk_bytes": arena.chunk_bytes, "blocks_per_chunk": arena.blocks_per_chunk,
               "token_bytes": spec.token_bytes,
-              "arena_wall_s": c.arena_wall_s, "plan_wall_s": c.plan_wall_s})
+              "arena_wall_s": c.arena_wall_s, "plan_wall_s": c.plan_wall_s,
+              "latency_prediction": step.prediction_error()})
     arena.close()
     return record
 
@@ -421,6 +473,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="host backend: let compaction copy block bytes with the real kernel "
                         "(slow: faults in pages of the host mapping); by default it only "
                         "rewrites block tables, since the step model writes no KV")
+    p.add_argument("--step-noise", type=float, default=0.03,
+                   help="simulated GPU: log-space sigma of each step's mean-one lognormal "
+                        "jitter (0: none)")
+    p.add_argument("--step-bias", type=float, default=1.0,
+                   help="simulated GPU: factor on every step's time (>1: slower than the "
+                        "roofline calibration)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the step-time jitter")
+    p.add_argument("--arena-costs-dir", default=str(RESULTS_ROOT),
+                   help="folder searched (recursively) for arena.json files measured on a "
+                        "GPU; map/unmap costs measured on the --device preset's GPU replace "
+                        "the assumed ones ('none': always the assumed ones)")
     p.add_argument("--out", default="out/replay", help="output folder (JSON, PNG, table)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -463,6 +526,8 @@ def header_lines(setup: ReplaySetup, trace: Trace) -> list[str]:
     """What was assumed, printed above the table."""
     d = setup.describe()
     lat = d["latency_model"]
+    truth = d["step_truth"]
+    cal = truth["calibration_noise_free"]
     cost = d["arena_cost_model"]
     tr = trace.describe()
     lines = [
@@ -482,8 +547,15 @@ def header_lines(setup: ReplaySetup, trace: Trace) -> list[str]:
         + ("set by --kv-budget-gib" if setup.kv_budget_set else
            f"{setup.memory_utilization:.0%} of device memory minus those")
         + f"; device limit {d['device_limit_gib']:.1f} GiB",
-        f"latency model ({lat['source']}): decode step 1 seq @1k ctx "
-        f"{lat['decode_step_1seq_1k_ctx_ms']:.2f} ms, 32 seqs @32k ctx "
+        f"step time (simulated GPU, {truth['source']}): decode step 1 seq @1k ctx "
+        f"{cal['decode_step_1seq_1k_ctx_ms']:.2f} ms, 32 seqs @32k ctx "
+        f"{cal['decode_step_32seq_32k_ctx_ms']:.2f} ms; prefill 1k tokens "
+        f"{cal['prefill_1k_tokens_ms']:.2f} ms; HBM {truth['memory_efficiency']:.0%}, GEMM "
+        f"{truth['gemm_efficiency']:.0%}, attention {truth['attention_efficiency']:.0%} of "
+        f"peak, {truth['step_overhead_s'] * 1e3:.2f} ms per step; bias {truth['bias']:g}, "
+        f"jitter sigma {truth['noise_sigma']:g}, seed {truth['seed']}",
+        f"planner's latency prior ({lat['source']}; fitted online): decode step 1 seq @1k "
+        f"ctx {lat['decode_step_1seq_1k_ctx_ms']:.2f} ms, 32 seqs @32k ctx "
         f"{lat['decode_step_32seq_32k_ctx_ms']:.2f} ms; prefill 1k tokens "
         f"{lat['prefill_1k_tokens_ms']:.2f} ms",
     ]
@@ -500,6 +572,24 @@ def header_lines(setup: ReplaySetup, trace: Trace) -> list[str]:
     lines.append(f"requests: max_tokens {setup.max_tokens}, token budget {setup.token_budget} "
                  f"per step, at most {setup.max_running} running, preemption {setup.preemption}")
     return lines
+
+
+def prediction_error_lines(runs) -> str:
+    """A Markdown list: per policy, how far the planner's one-step-ahead step-time
+    predictions were from the simulated GPU (``info["latency_prediction"]``)."""
+    lines = ["Planner's step-time prediction error (one step ahead, against the simulated "
+             "GPU):", ""]
+    for r in runs:
+        e = r.info.get("latency_prediction") or {}
+        if not e.get("steps"):
+            lines.append(f"- {r.policy}: no steps")
+            continue
+        lines.append(
+            f"- {r.policy}: MAPE {e['mape_pct']:.1f}% over {e['steps']} scored steps of "
+            f"{e['steps_run']} (bias "
+            f"{e['bias_pct']:+.1f}%, |error| p50 {e['abs_pct_p50']:.1f}% p99 "
+            f"{e['abs_pct_p99']:.1f}%; first 32 steps {e['mape_first_32_steps_pct']:.1f}%)")
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -519,6 +609,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_tokens=args.max_tokens, token_budget=args.token_budget,
             max_running=args.max_running, max_model_len=args.max_model_len,
             arrival_reserve_s=args.arrival_reserve_s, shrink_min_blocks=args.shrink_min_blocks)
+        cli_checks.check_step_truth_numbers(step_noise=args.step_noise,
+                                            step_bias=args.step_bias, seed=args.seed)
         policies = policies_from_args(args.policy, args.predictor)
         trace = load_trace(args.trace)
         if args.time_slice:
@@ -536,7 +628,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                             block_size=args.block_size, max_tokens=args.max_tokens,
                             token_budget=args.token_budget, max_running=args.max_running,
                             preemption=args.preemption, copy_kv_bytes=args.copy_kv_bytes,
-                            kv_budget_gib=args.kv_budget_gib)
+                            kv_budget_gib=args.kv_budget_gib, step_bias=args.step_bias,
+                            step_noise=args.step_noise, seed=args.seed,
+                            arena_costs_dir=(None if args.arena_costs_dir == "none"
+                                             else args.arena_costs_dir))
         setup.mapper = args.mapper
         cli_checks.check_number("--prefetch-quantile", args.prefetch_quantile, 0.0, 1.0)
         setup.prefetch_quantile = args.prefetch_quantile
@@ -601,6 +696,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       for r in runs},
     }
     text = "\n".join(f"- {h}" for h in head) + "\n\n" + table + "\n"
+    text += "\n" + prediction_error_lines(runs) + "\n"
     if targets:
         text += ("\nTargets (windowed:empirical against static):\n\n"
                  + report.targets_table(targets) + "\n")
@@ -620,6 +716,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if targets:
         print("\nTargets (windowed:empirical against static):\n")
         print(report.targets_table(targets))
+    print("\n" + prediction_error_lines(runs))
     print(f"\n({len(runs)} policies replayed in {wall:.1f} s wall; results in {out}/)")
     return 0
 

@@ -74,6 +74,13 @@ def no_replay(monkeypatch):
     (["--max-running", "60000", "--max-model-len", "1000000"], "block table"),
     (["--arrival-reserve-s", "inf"], "--arrival-reserve-s"),
     (["--shrink-min-blocks", "-1"], "--shrink-min-blocks"),
+    (["--step-noise", "-0.1"], "--step-noise"),
+    (["--step-noise", "nan"], "--step-noise"),
+    (["--step-noise", "3"], "--step-noise"),
+    (["--step-bias", "0"], "--step-bias"),
+    (["--step-bias", "inf"], "--step-bias"),
+    (["--seed", "-1"], "--seed"),
+    (["--seed", str(1 << 64)], "--seed"),
 ])
 def test_absurd_numbers_are_one_line_errors(tmp_path, capsys, no_replay, extra, words):
     _fails(["--trace", str(_trace(tmp_path)), "--out", str(tmp_path / "o"), "--quiet", *extra],
