@@ -288,9 +288,10 @@ def test_cli_every_policy_end_to_end(tmp_path, capsys):
     for name in ("windowed:max_tokens", "windowed:empirical", "windowed:oracle"):
         assert by[name]["mapped_avg_gib"] < static["mapped_avg_gib"]
         assert by[name]["counters"]["shrinks"] > 0
-    # with the truth, the plan never under-reserves the decode window
+    # with the truth, the plan never under-reserves the decode window (budgets are not
+    # mapped, so with plentiful memory the two may map exactly alike)
     oracle, bound = by["windowed:oracle"], by["windowed:max_tokens"]
-    assert oracle["mapped_to_live_avg"] <= bound["mapped_to_live_avg"]
+    assert oracle["mapped_to_live_avg"] <= bound["mapped_to_live_avg"] * (1 + 1e-9)
 
 
 def test_run_policy_timeline_and_copy_free_compaction_agree(tmp_path):

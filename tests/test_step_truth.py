@@ -251,7 +251,8 @@ def test_the_cli_charges_measured_costs_and_says_so(tmp_path):
     _arena_json(tmp_path / "res" / "gpu" / "x", "NVIDIA H100 80GB HBM3", "2026-12-01", 80e-6,
                 60e-6)
     out = tmp_path / "o"
-    argv = ["--trace", str(_trace(tmp_path)), "--out", str(out), *TINY]
+    # every map on the step loop (no mapper), so time_map_s holds them all
+    argv = ["--trace", str(_trace(tmp_path)), "--out", str(out), *TINY, "--mapper", "off"]
     assert replay.main([*argv, "--arena-costs-dir", str(tmp_path / "res")]) == 0
     doc = json.loads((out / "replay.json").read_text())
     cost = doc["setup"]["arena_cost_model"]
