@@ -42,7 +42,10 @@ def _ints(draw, n, lo, hi):
 
 @st.composite
 def _states(draw):
-    """One planning problem: the planner's settings and the arguments of ``plan``."""
+    """One planning problem: the planner's settings and the arguments of ``plan``.
+    ``flood``: a long queue of short prompts and room for all of them (many candidates to
+    price); ``swapped``: a swapped-out request at the head of the queue."""
+    shape = draw(st.sampled_from(["any", "any", "flood", "swapped"]))
     bs = draw(st.sampled_from([1, 4, 16, 5]))
     cfg = dict(block_size=bs, block_bytes=draw(st.sampled_from([1, 1024, 2 ** 20])),
                token_budget=draw(st.integers(1, 96)),
@@ -57,10 +60,12 @@ def _states(draw):
                                             "longest-remaining"])),
                preemption=draw(st.sampled_from(["auto", "swap", "recompute"])))
     cfg["max_decode_steps"] = cfg["min_decode_steps"] + draw(st.integers(0, 12))
-    big = draw(st.booleans())     # long prompts and contexts, or short ones
+    big = draw(st.booleans()) and shape != "flood"   # long prompts and contexts, or short
     top = 3000 if big else 80
+    if shape == "flood":
+        cfg.update(max_prefill_tokens=4096, max_running=120)
 
-    nd = draw(st.integers(0, 50))
+    nd = draw(st.integers(0, 10 if shape == "flood" else 50))
     kv = _ints(draw, nd, 1, top)
     gen = np.minimum(_ints(draw, nd, 1, 60), kv)
     maxt = gen + _ints(draw, nd, 0, 90)
@@ -70,7 +75,7 @@ def _states(draw):
     dec = RequestSet.from_arrays(ids=np.arange(nd), kv_len=kv, generated=gen, max_tokens=maxt,
                                  blocks=held, admit_seq=_ints(draw, nd, -1, 200))
 
-    npre = draw(st.integers(0, 30))
+    npre = draw(st.integers(0, 5 if shape == "flood" else 50))
     plen = _ints(draw, npre, 1, top)
     done = np.array([draw(st.integers(0, int(x) - 1)) for x in plen], np.int64)
     pgen = _ints(draw, npre, 0, 5)
@@ -81,14 +86,14 @@ def _states(draw):
                                  admit_seq=300 + np.arange(npre))
 
     wait = None
-    if draw(st.integers(0, 5)):
-        nw = draw(st.integers(0, 50))
+    if draw(st.integers(0, 5)) or shape != "any":
+        nw = draw(st.integers(40 if shape == "flood" else 0, 60))
         wl = _ints(draw, nw, 1, top)
         wsw = np.array(draw(st.lists(st.booleans(), min_size=nw, max_size=nw)), bool)
         mix = draw(st.sampled_from(["none", "some", "head"]))
         if mix == "none":
             wsw[:] = False        # the common case: no swapped entry waits
-        elif mix == "head" and nw:
+        if (mix == "head" or shape == "swapped") and nw:
             wsw[0] = True         # a swapped entry at the head of the queue
         wgen = np.where(wsw, np.minimum(wl, _ints(draw, nw, 1, 40)), 0)
         wait = RequestSet.from_arrays(
@@ -100,6 +105,8 @@ def _states(draw):
     need = int(dec.blocks.sum() + pre.blocks.sum())
     scale = draw(st.sampled_from([0.0, 0.3, 0.8, 1.0, 1.1, 2.0, 10.0]))
     supply = max(int(need * scale) + draw(st.integers(-5, 40)), 0)
+    if draw(st.integers(0, 5)) == 0 or shape != "any":
+        supply = 10 ** 7          # room for the whole queue
     arena = dict(supply_blocks=supply, mapped_blocks=draw(st.integers(0, 2 * supply + 50)),
                  blocks_per_chunk=draw(st.sampled_from([1, 4, 16])))
     now = draw(st.sampled_from([0.0, 3.5]))
@@ -188,7 +195,7 @@ def test_the_states_reach_every_branch_of_the_plan():
             seen.add("admit")
             if wait.swapped[:p.admit].any():
                 seen.add("admit swapped")
-            if p.admit > 8:
+            if p.admit > 40:
                 seen.add("admit many")
         if p.preempt_ids.size:
             seen.add("preempt")
