@@ -34,7 +34,7 @@ import math
 from bisect import bisect_right
 from dataclasses import dataclass, field
 from itertools import accumulate, islice
-from operator import mul, sub
+from operator import ge, mul, sub
 from typing import NamedTuple
 
 import numpy as np
@@ -343,22 +343,21 @@ class PromptRows:
             self.sums = PrefillSums(0, 0.0, 0, 0)
             return
         bs1 = block_size - 1
-        left = list(map(sub, prefill_len, kv_len))         # prompt tokens still to process
-        total = sum(left)
-        ahead = list(accumulate(left))                       # ... up to and with each prompt
-        cp = [(p + bs1) // block_size for p in prefill_len]  # each prompt's blocks
+        total = sum(prefill_len) - sum(kv_len)
+        ahead = list(accumulate(map(sub, prefill_len, kv_len)))   # tokens up to each prompt
+        cp = [(p + bs1) // block_size for p in prefill_len]        # each prompt's blocks
         grow = sum([x for x in map(sub, cp, blocks) if x > 0])
-        # Tokens each may decode after its hand-off: max_tokens - generated - 1, at least 0.
-        rest = [x - 1 if x > 1 else 0 for x in map(sub, max_tokens, generated)]
-        self._rows = (prefill_len, ahead, rest, cp)
+        self._rows = (prefill_len, ahead, max_tokens, generated, cp)
         # Hand-off steps grow along the set when no prompt has a negative token count;
-        # then the causal pairs, sum(left * kv + left * (left + 1) / 2), are exact ints.
-        exact = self._monotone = min(left) >= 0 and min(kv_len) >= 0
-        pairs = sum(map(mul, left, kv_len)) + ((sum(map(mul, left, left)) + total) >> 1)
+        # then the causal pairs, sum((pl - kv) * (kv + (pl - kv + 1) / 2)) = (sum(pl**2 -
+        # kv**2) + tokens left) / 2, are exact ints.
+        exact = self._monotone = all(map(ge, prefill_len, kv_len)) and min(kv_len) >= 0
+        pairs = (sum(map(mul, prefill_len, prefill_len)) - sum(map(mul, kv_len, kv_len))
+                 + total) >> 1
         if exact and pairs < _EXACT:
             fpairs = float(pairs)
         else:
-            fpairs = _float_pairs(left, list(kv_len))
+            fpairs = _float_pairs(list(map(sub, prefill_len, kv_len)), list(kv_len))
         self.sums = PrefillSums(total, fpairs, sum(blocks), grow)
 
     @classmethod
@@ -367,11 +366,11 @@ class PromptRows:
         if n is None:
             n = s.ids.shape[0]
         if n == 0:
-            return cls((), (), (), (), (), block_size)
+            return _NO_PROMPTS
         f = (s.prefill_len[:n], s.kv_len[:n], s.blocks[:n], s.max_tokens[:n],
              s.generated[:n])
         if n <= _PY_ROWS:
-            f = tuple(a.tolist() for a in f)
+            f = (f[0].tolist(), f[1].tolist(), f[2].tolist(), f[3].tolist(), f[4].tolist())
         return cls(*f, block_size)
 
     def handoff(self, k: int, per_step: int, block_size: int, before: int = 0) -> int:
@@ -383,19 +382,25 @@ class PromptRows:
         ps = max(int(per_step), 1)
         if self._arrays is not None:
             return _array_handoff(*self._arrays, k, ps, block_size, before)
-        prompt, ahead, rest, cp = self._rows
-        rows = zip(prompt, ahead, rest, cp)
+        prompt, ahead, max_tokens, generated, cp = self._rows
+        rows = zip(prompt, ahead, max_tokens, generated, cp)
         if self._monotone:
             # Hand-off steps only grow along the set: the prompts that hand off before
             # step k (those with before + ahead <= (k - 1) * ps) are a prefix.
             rows = islice(rows, bisect_right(ahead, (k - 1) * ps - before) if k > 1 else 0)
         bs1, total = block_size - 1, 0
-        for pl, cum, r, c in rows:
+        for pl, cum, m, g, c in rows:
             h = -(-(before + cum) // ps)              # the step its prompt completes
             steps = k - (h if h > 1 else 1)          # then decoded inside the window
             if steps > 0:
-                total += (pl + (r if r < steps else steps) + bs1) // block_size - c
+                m -= g + 1                            # ... up to max_tokens
+                total += (pl + (steps if m >= steps else m if m > 0 else 0) + bs1
+                          ) // block_size - c
         return total
+
+
+#: The empty prompt set (nothing in it changes after construction, so it is shared).
+_NO_PROMPTS = PromptRows((), (), (), (), (), 1)
 
 
 def _array_sums(pl: np.ndarray, kv: np.ndarray, blocks: np.ndarray,
