@@ -232,3 +232,47 @@ def test_a_planted_bug_is_caught(bug):
                  settings=settings(max_examples=500, database=None, deadline=None,
                                    suppress_health_check=list(HealthCheck)))
     assert _compare(found, patch)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.data_too_large])
+@given(state=_states(), start=st.integers(-3, 3))
+def test_plans_are_identical_across_a_sweep_of_supplies(state, start):
+    """Admission and preemption decide at block boundaries (a cost equal to what is left,
+    a margin block more or less): sweep the supply one block at a time around the running
+    sets' demand so those boundaries are met, not just sampled."""
+    pre, dec, wait = state["sets"]
+    alone = _plan(reference, dict(state, sets=(pre, dec, None)))
+    base = alone.prefill_target + alone.decode_target
+    for supply in range(max(base + start - 12, 0), base + start + 40):
+        s = dict(state, arena=dict(state["arena"], supply_blocks=supply))
+        assert _compare(s) == [], f"supply {supply}"
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                   HealthCheck.data_too_large])
+@given(data=st.data(), n=st.integers(0, 70), bs=st.sampled_from([1, 2, 3, 16]),
+       k=st.integers(-1, 20), per_step=st.integers(1, 9), before=st.integers(0, 40),
+       huge=st.booleans())
+def test_set_functions_are_identical_to_the_reference(data, n, bs, k, per_step, before, huge):
+    """prefill_sums, handoff_growth and decode_growth on both sides of the list/array
+    threshold, with small numbers (hand-offs land exactly on window boundaries) or huge
+    ones (causal-pair sums past 2**52, where only the old float order gives the old
+    value)."""
+    top = 2 ** 31 if huge else 12
+    plen = _ints(data.draw, n, 1, top)
+    kv = np.array([data.draw(st.integers(0, int(p))) for p in plen], np.int64)
+    held = np.array([data.draw(st.integers(0, -(-int(p) // bs) + 1)) for p in plen], np.int64)
+    gen = _ints(data.draw, n, 0, 5)
+    pre = RequestSet.from_arrays(ids=np.arange(n), kv_len=kv, prefill_len=plen,
+                                 generated=gen, max_tokens=gen + _ints(data.draw, n, 0, 12),
+                                 blocks=held)
+    got, want = current.prefill_sums(pre, bs), reference.prefill_sums(pre, bs)
+    assert got == want and [type(x) for x in got] == [type(x) for x in want]
+    assert (current.handoff_growth(pre, k, per_step, bs, before)
+            == reference.handoff_growth(pre, k, per_step, bs, before))
+    rem = _ints(data.draw, n, 0, 30)
+    dec = RequestSet.from_arrays(ids=np.arange(n), kv_len=plen, blocks=held)
+    assert np.array_equal(current.decode_growth(current.decode_set(dec, rem), max(k, 0), bs),
+                          reference.decode_growth(reference.decode_set(dec, rem), max(k, 0),
+                                                  bs))
