@@ -196,7 +196,9 @@ class Plan:
                                               repr=False)
 
 
-_SMALL = 8   # sets up to this size are summed in plain Python (a dozen numpy calls cost more)
+#: Up to this many prompts the planner of commit 70e61d2 summed causal pairs in Python order,
+#: above it with numpy; :func:`_float_pairs` keeps that order where the order matters.
+_SMALL = 8
 _sum = np.add.reduce
 _min = np.minimum.reduce
 
