@@ -700,9 +700,10 @@ class WindowPlanner:
         return self._admission(waiting, n_prefill, ps, d, w, dem, leftover)[0]
 
     def _admission(self, waiting: RequestSet, n_prefill: int, ps: PrefillSums, d: DecodeSet,
-                   w: Window, dem: Demands, leftover: int) -> tuple[int, list | None]:
-        """:meth:`admit`, plus the candidates' swapped flags and prompt lengths as lists
-        (None when they were priced as arrays), which the union reuses."""
+                   w: Window, dem: Demands, leftover: int
+                   ) -> tuple[int, tuple[list[bool], list[int]] | None]:
+        """:meth:`admit`, plus the head of the queue's swapped flags and prompt lengths as
+        lists (None when the candidates were priced as arrays), which the union reuses."""
         lim = self.limits
         room = lim.max_running - d.n - n_prefill
         if room <= 0:
@@ -749,8 +750,8 @@ class WindowPlanner:
         slowest = max(pps - n_sw, 1)
         k_union = min(k, max(-(-(before + toks[-1]) // slowest), cfg.min_decode_steps))
         if n_sw:
-            rem = self.predictor.predict(waiting.ids[:n], waiting.generated[:n],
-                                         waiting.max_tokens[:n]).tolist()
+            rem = np.asarray(self.predictor.predict(waiting.ids[:n], waiting.generated[:n],
+                                                    waiting.max_tokens[:n])).tolist()
             kv = waiting.kv_len[:n].tolist()
         bare, cost = [], []
         for i in range(n):
