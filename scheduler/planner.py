@@ -407,6 +407,8 @@ _NO_PROMPTS = PromptRows((), (), (), (), (), 1)
 
 def _array_sums(pl: np.ndarray, kv: np.ndarray, blocks: np.ndarray,
                 block_size: int) -> PrefillSums:
+    """:class:`PrefillSums` of a large prompt set (int64 ``[n]`` prompt lengths, K/V
+    tokens written and blocks held)."""
     left = pl - kv
     g = pl + (block_size - 1)
     g //= block_size
@@ -419,6 +421,8 @@ def _array_sums(pl: np.ndarray, kv: np.ndarray, blocks: np.ndarray,
 def _array_handoff(pl: np.ndarray, kv: np.ndarray, blocks: np.ndarray, max_tokens: np.ndarray,
                    generated: np.ndarray, k: int, per_step: int, block_size: int,
                    before: int) -> int:
+    """:meth:`PromptRows.handoff` of a large prompt set (int64 ``[n]`` arrays;
+    ``per_step`` >= 1)."""
     cum = np.cumsum(pl - kv)
     cum += before
     steps = k - np.maximum(_ceil_div(cum, per_step), 1)
