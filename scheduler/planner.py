@@ -467,9 +467,14 @@ def decode_growth(d: DecodeSet, k: int, block_size: int) -> np.ndarray:
     """Blocks each decode request adds in ``k`` steps: ``max(ceil((kv_len + min(remaining,
     k)) / block_size) - blocks, 0)`` (int64 ``[n]``)."""
     bs = int(block_size)
-    g = np.minimum(d.remaining, k)
-    g += d.kv_len
-    g += bs - 1
+    if k <= d.first_finish:
+        # k never exceeds the first predicted finish unless min_decode_steps holds the
+        # window open: then min(remaining, k) is k for every request.
+        g = d.kv_len + (k + bs - 1)
+    else:
+        g = np.minimum(d.remaining, k)
+        g += d.kv_len
+        g += bs - 1
     if bs & (bs - 1):
         g //= bs
     else:   # a power of two: a shift floors the same and costs a fraction of a division
