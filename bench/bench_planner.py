@@ -5,9 +5,15 @@ A pytest-benchmark suite (kept in bench/, so CI does not collect it):
     python -m pytest bench/bench_planner.py --benchmark-only
 
 and a script that prints the median microseconds per plan and writes
-``bench/results/planner.json``:
+``bench/results/planner.json`` (``$OUT/planner.json`` when ``OUT`` is set):
 
-    python -m bench.bench_planner
+    python -m bench.bench_planner [--baseline OLD.json]
+
+To compare two versions of the planner, run the older one first with ``OUT`` set to a
+scratch folder (e.g. from ``git archive <commit> | tar -x -C /tmp/old``), then this one
+right after it with ``--baseline`` naming the older run's JSON: its medians are recorded
+next to the new ones, so the result file carries its own before/after figures. Both runs
+should see the same machine load (the JSON records the 1-minute load average).
 
 Scenarios, each with a warm empirical predictor (4,096 finished lengths) and a latency
 model from the llama-3-8b / H100 roofline:
@@ -21,10 +27,13 @@ model from the llama-3-8b / H100 roofline:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
+import subprocess
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -121,28 +130,73 @@ def test_plan_1024_preempting(benchmark):
     assert _bench(benchmark, "preempt").preempt_ids.size > 0
 
 
+def git_commit() -> str | None:
+    """The commit of the checked-out code (suffixed ``+dirty`` with local changes), or None
+    outside a git checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, text=True,
+                              capture_output=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", ":/scheduler"], cwd=here,
+                               text=True, capture_output=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
+def load_baseline(path: str) -> dict:
+    """An earlier run's JSON, reduced to what the comparison records: its commit, CPU,
+    load, date and the median microseconds per scenario. ValueError if it is not one."""
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+        medians = {r["scenario"]: float(r["median_us"]) for r in doc["results"]}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"--baseline {path!r} is not a planner benchmark result: {e}") from e
+    return {"commit": doc.get("commit"), "cpu_model": doc.get("cpu_model"),
+            "load_avg_1min": doc.get("load_avg_1min"),
+            "date_utc": doc.get("environment", {}).get("date_utc"), "median_us": medians}
+
+
 def main(argv=None) -> int:
     """Print the median microseconds per plan of every scenario; write the JSON."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3000)
     ap.add_argument("--rounds", type=int, default=5,
                     help="independent rounds; the reported median is their median")
+    ap.add_argument("--baseline", metavar="JSON",
+                    help="an earlier run's planner.json (e.g. of an older commit, run just "
+                         "before this one): its medians are recorded next to these")
     args = ap.parse_args(argv)
+    if args.repeats < 1 or args.rounds < 1:
+        ap.error("--repeats and --rounds must be >= 1")
+    baseline = None
+    if args.baseline is not None:
+        try:
+            baseline = load_baseline(args.baseline)
+        except ValueError as e:
+            ap.error(str(e))
     results = []
     for name in ("decode", "mixed", "preempt"):
         rounds = [measure(name, repeats=args.repeats) for _ in range(args.rounds)]
         best = dict(rounds[0])
         best["median_us"] = statistics.median(r["median_us"] for r in rounds)
         best["round_medians_us"] = [r["median_us"] for r in rounds]
+        was = baseline["median_us"].get(name) if baseline else None
+        if was is not None:
+            best["baseline_median_us"] = was
         results.append(best)
         print(f"{name:8s} {N_RUNNING} running: median {best['median_us']:7.1f} us per plan "
               f"(rounds {', '.join(f'{r:.1f}' for r in best['round_medians_us'])}) "
-              f"on {cpu_model()}")
+              f"on {cpu_model()}" + (f"; baseline {was:.1f} us" if was is not None else ""))
     from bench._common import write_result
 
     # The figures depend on the core: record which, and how busy the machine was.
-    path = write_result("planner", {"target_us": 100.0, "cpu_model": cpu_model(),
-                                    "load_avg_1min": os.getloadavg()[0], "results": results})
+    payload = {"target_us": 100.0, "commit": git_commit(), "cpu_model": cpu_model(),
+               "load_avg_1min": os.getloadavg()[0], "results": results}
+    if baseline is not None:
+        payload["baseline"] = baseline
+    path = write_result("planner", payload)
     print(f"wrote {path}")
     return 0
 

@@ -31,7 +31,10 @@ All block counts are ints in blocks of ``block_size`` tokens.
 from __future__ import annotations
 
 import math
+from bisect import bisect_right
 from dataclasses import dataclass, field
+from itertools import accumulate, islice
+from operator import ge, mul, sub
 from typing import NamedTuple
 
 import numpy as np
@@ -193,7 +196,9 @@ class Plan:
                                               repr=False)
 
 
-_SMALL = 8   # sets up to this size are summed in plain Python (a dozen numpy calls cost more)
+#: Up to this many prompts the planner of commit 70e61d2 summed causal pairs in Python order,
+#: above it with numpy; :func:`_float_pairs` keeps that order where the order matters.
+_SMALL = 8
 _sum = np.add.reduce
 _min = np.minimum.reduce
 
@@ -235,7 +240,7 @@ class PrefillSums(NamedTuple):
 class DecodeSet(NamedTuple):
     """A decode set with its predictions: per request (int64 ``[n]``) the K/V tokens,
     blocks held and predicted remaining tokens; summed, the K/V tokens, blocks and the
-    earliest predicted finish (in steps; inf for an empty set)."""
+    earliest predicted finish (in steps; inf for an empty set); ``n`` requests."""
 
     kv_len: np.ndarray
     blocks: np.ndarray
@@ -243,10 +248,7 @@ class DecodeSet(NamedTuple):
     kv_tokens: int
     blocks_held: int
     first_finish: float
-
-    @property
-    def n(self) -> int:
-        return int(self.remaining.shape[0])
+    n: int
 
 
 class Window(NamedTuple):
@@ -296,36 +298,159 @@ class Demands:
 
 
 # ---------------------------------------------------------------------------- set sums
+#: Prompt sets and admission candidates up to this size are handled as Python lists (one
+#: ``tolist`` per field, then plain int arithmetic): below it a dozen numpy calls on tiny
+#: arrays cost more than the loop. Larger sets take the numpy path.
+_PY_ROWS = 32
+#: Causal pairs are summed as exact ints; below this bound their float sum is exact in any
+#: order, so it equals the float64 sum numpy or a Python loop would give.
+_EXACT = 2 ** 52
+
+
+def _float_pairs(left: list[int], kv: list[int]) -> float:
+    """The causal pairs of prompts with ``left`` tokens after ``kv`` cached ones, summed in
+    float64 exactly as the planner always did (Python order up to ``_SMALL`` prompts, numpy
+    above): the fallback for sums too large, or inputs too odd, to be summed exactly."""
+    if len(left) <= _SMALL:
+        pairs = 0.0
+        for t, c in zip(left, kv):
+            pairs += causal_pairs(t, c)
+        return pairs
+    return float(_sum(causal_pairs(np.asarray(left, np.int64), np.asarray(kv, np.int64))))
+
+
+class PromptRows:
+    """A prefill set (or the prompts of admitted requests) prepared once per plan.
+
+    In admission order. :attr:`sums` is the set's :class:`PrefillSums`; :meth:`handoff`
+    gives the hand-off growth for any window, reusing what does not depend on it (each
+    prompt's tokens left and those ahead of it, its prompt blocks, the tokens it may still
+    generate). Up to ``_PY_ROWS`` prompts are held as lists of Python ints, more as int64
+    arrays.
+    """
+
+    __slots__ = ("n", "sums", "_rows", "_monotone", "_arrays")
+
+    def __init__(self, prefill_len, kv_len, blocks, max_tokens, generated,
+                 block_size: int) -> None:
+        """Lists of ints (each ``[n]``, ``n <= _PY_ROWS``) or int64 arrays (any ``n``)."""
+        n = self.n = len(prefill_len)
+        self._arrays = self._rows = None
+        self._monotone = True
+        if isinstance(prefill_len, np.ndarray):
+            self._arrays = (prefill_len, kv_len, blocks, max_tokens, generated)
+            self.sums = _array_sums(prefill_len, kv_len, blocks, block_size)
+            return
+        if n == 0:
+            self.sums = PrefillSums(0, 0.0, 0, 0)
+            return
+        bs1 = block_size - 1
+        total = sum(prefill_len) - sum(kv_len)
+        ahead = list(accumulate(map(sub, prefill_len, kv_len)))   # tokens up to each prompt
+        cp = [(p + bs1) // block_size for p in prefill_len]        # each prompt's blocks
+        grow = sum([x for x in map(sub, cp, blocks) if x > 0])
+        self._rows = (prefill_len, ahead, max_tokens, generated, cp)
+        # Hand-off steps grow along the set when no prompt has a negative token count;
+        # then the causal pairs, sum((pl - kv) * (kv + (pl - kv + 1) / 2)) = (sum(pl**2 -
+        # kv**2) + tokens left) / 2, are exact ints.
+        exact = self._monotone = all(map(ge, prefill_len, kv_len)) and min(kv_len) >= 0
+        pairs = (sum(map(mul, prefill_len, prefill_len)) - sum(map(mul, kv_len, kv_len))
+                 + total) >> 1
+        if exact and pairs < _EXACT:
+            fpairs = float(pairs)
+        else:
+            fpairs = _float_pairs(list(map(sub, prefill_len, kv_len)), list(kv_len))
+        self.sums = PrefillSums(total, fpairs, sum(blocks), grow)
+
+    @classmethod
+    def of(cls, s: RequestSet, block_size: int, n: int | None = None) -> "PromptRows":
+        """The first ``n`` (default: all) requests of ``s``."""
+        if n is None:
+            n = s.ids.shape[0]
+        if n == 0:
+            return _NO_PROMPTS
+        f = (s.prefill_len[:n], s.kv_len[:n], s.blocks[:n], s.max_tokens[:n],
+             s.generated[:n])
+        if n <= _PY_ROWS:
+            f = (f[0].tolist(), f[1].tolist(), f[2].tolist(), f[3].tolist(), f[4].tolist())
+        return cls(*f, block_size)
+
+    def handoff(self, k: int, per_step: int, block_size: int, before: int = 0) -> int:
+        """New decode blocks of these prompts handed off inside a window of ``k`` steps,
+        chunked ``per_step`` prompt tokens a step after ``before`` tokens queued ahead
+        (see :func:`handoff_growth`)."""
+        if k <= 0 or self.n == 0:
+            return 0
+        ps = max(int(per_step), 1)
+        if self._arrays is not None:
+            return _array_handoff(*self._arrays, k, ps, block_size, before)
+        prompt, ahead, max_tokens, generated, cp = self._rows
+        rows = zip(prompt, ahead, max_tokens, generated, cp)
+        if self._monotone:
+            # Hand-off steps only grow along the set: the prompts that hand off before
+            # step k (those with before + ahead <= (k - 1) * ps) are a prefix.
+            rows = islice(rows, bisect_right(ahead, (k - 1) * ps - before) if k > 1 else 0)
+        bs1, total = block_size - 1, 0
+        for pl, cum, m, g, c in rows:
+            h = -(-(before + cum) // ps)              # the step its prompt completes
+            steps = k - (h if h > 1 else 1)          # then decoded inside the window
+            if steps > 0:
+                m -= g + 1                            # ... up to max_tokens
+                total += (pl + (steps if m >= steps else m if m > 0 else 0) + bs1
+                          ) // block_size - c
+        return total
+
+
+#: The empty prompt set (nothing in it changes after construction, so it is shared).
+_NO_PROMPTS = PromptRows((), (), (), (), (), 1)
+
+
+def _array_sums(pl: np.ndarray, kv: np.ndarray, blocks: np.ndarray,
+                block_size: int) -> PrefillSums:
+    """:class:`PrefillSums` of a large prompt set (int64 ``[n]`` prompt lengths, K/V
+    tokens written and blocks held)."""
+    left = pl - kv
+    g = pl + (block_size - 1)
+    g //= block_size
+    g -= blocks
+    np.maximum(g, 0, out=g)
+    return PrefillSums(int(_sum(left)), float(_sum(causal_pairs(left, kv))),
+                       int(_sum(blocks)), int(_sum(g)))
+
+
+def _array_handoff(pl: np.ndarray, kv: np.ndarray, blocks: np.ndarray, max_tokens: np.ndarray,
+                   generated: np.ndarray, k: int, per_step: int, block_size: int,
+                   before: int) -> int:
+    """:meth:`PromptRows.handoff` of a large prompt set (int64 ``[n]`` arrays;
+    ``per_step`` >= 1)."""
+    cum = np.cumsum(pl - kv)
+    cum += before
+    steps = k - np.maximum(_ceil_div(cum, per_step), 1)
+    np.maximum(steps, 0, out=steps)
+    # Blocks for prefill_len + min(max_tokens - generated - 1, steps) tokens, less the
+    # prompt's blocks.
+    t = max_tokens - generated
+    t -= 1
+    np.minimum(t, steps, out=t)
+    np.maximum(t, 0, out=t)
+    t += pl
+    t += block_size - 1
+    t //= block_size
+    return int(_sum(t)) - int(_sum(_ceil_div(pl, block_size)))
+
+
 def prefill_sums(pre: RequestSet, block_size: int) -> PrefillSums:
     """:class:`PrefillSums` of a prefill set (or of admitted prompts)."""
-    n = pre.ids.shape[0]
-    if n == 0:
-        return PrefillSums(0, 0.0, 0, 0)
-    if n <= _SMALL:
-        total = held = grow = 0
-        pairs = 0.0
-        for pl, kv, b in zip(pre.prefill_len.tolist(), pre.kv_len.tolist(),
-                             pre.blocks.tolist()):
-            total += pl - kv
-            pairs += causal_pairs(pl - kv, kv)
-            held += b
-            grow += max(-(-pl // block_size) - b, 0)
-        return PrefillSums(total, pairs, held, grow)
-    left = pre.prefill_len - pre.kv_len
-    g = pre.prefill_len + (block_size - 1)
-    g //= block_size
-    g -= pre.blocks
-    np.maximum(g, 0, out=g)
-    return PrefillSums(int(_sum(left)), float(_sum(causal_pairs(left, pre.kv_len))),
-                       int(_sum(pre.blocks)), int(_sum(g)))
+    return PromptRows.of(pre, block_size).sums
 
 
 def decode_set(dec: RequestSet, remaining: np.ndarray) -> DecodeSet:
     """:class:`DecodeSet` of ``dec`` with its predicted ``remaining`` tokens."""
-    if remaining.shape[0] == 0:
-        return DecodeSet(dec.kv_len, dec.blocks, remaining, 0, 0, _INF)
+    n = remaining.shape[0]
+    if n == 0:
+        return DecodeSet(dec.kv_len, dec.blocks, remaining, 0, 0, _INF, 0)
     return DecodeSet(dec.kv_len, dec.blocks, remaining, int(_sum(dec.kv_len)),
-                     int(_sum(dec.blocks)), float(_min(remaining)))
+                     int(_sum(dec.blocks)), float(_min(remaining)), int(n))
 
 
 def join_decode(a: DecodeSet, b: DecodeSet) -> DecodeSet:
@@ -334,16 +459,26 @@ def join_decode(a: DecodeSet, b: DecodeSet) -> DecodeSet:
         return a
     return DecodeSet(np.concatenate((a.kv_len, b.kv_len)), np.concatenate((a.blocks, b.blocks)),
                      np.concatenate((a.remaining, b.remaining)), a.kv_tokens + b.kv_tokens,
-                     a.blocks_held + b.blocks_held, min(a.first_finish, b.first_finish))
+                     a.blocks_held + b.blocks_held, min(a.first_finish, b.first_finish),
+                     a.n + b.n)
 
 
 def decode_growth(d: DecodeSet, k: int, block_size: int) -> np.ndarray:
     """Blocks each decode request adds in ``k`` steps: ``max(ceil((kv_len + min(remaining,
     k)) / block_size) - blocks, 0)`` (int64 ``[n]``)."""
-    g = np.minimum(d.remaining, k)
-    g += d.kv_len
-    g += block_size - 1
-    g //= block_size
+    bs = int(block_size)
+    if k <= d.first_finish:
+        # k never exceeds the first predicted finish unless min_decode_steps holds the
+        # window open: then min(remaining, k) is k for every request.
+        g = d.kv_len + (k + bs - 1)
+    else:
+        g = np.minimum(d.remaining, k)
+        g += d.kv_len
+        g += bs - 1
+    if bs & (bs - 1):
+        g //= bs
+    else:   # a power of two: a shift floors the same and costs a fraction of a division
+        g >>= bs.bit_length() - 1
     g -= d.blocks
     np.maximum(g, 0, out=g)
     return g
@@ -359,33 +494,9 @@ def handoff_growth(pre: RequestSet, k: int, per_step: int, block_size: int,
     its prompt tokens left and those of the requests ahead of it) / per_step)`` and decodes
     ``k - h_i`` steps inside the window, bounded by its max_tokens (not predicted: the
     window ends at the batch's hand-off unless ``min_decode_steps`` holds it open)."""
-    n = pre.ids.shape[0]
-    if k <= 0 or n == 0:
+    if k <= 0 or pre.ids.shape[0] == 0:
         return 0
-    bs = block_size
-    ps = max(int(per_step), 1)
-    if n <= _SMALL:
-        total, cum = 0, before
-        for pl, kv, m, g in zip(pre.prefill_len.tolist(), pre.kv_len.tolist(),
-                                pre.max_tokens.tolist(), pre.generated.tolist()):
-            cum += pl - kv
-            steps = k - max(-(-cum // ps), 1)
-            if steps > 0:
-                total += -(-(pl + min(max(m - g - 1, 0), steps)) // bs) - (-(-pl // bs))
-        return total
-    cum = np.cumsum(pre.prefill_len - pre.kv_len) + before
-    steps = k - np.maximum(_ceil_div(cum, ps), 1)
-    np.maximum(steps, 0, out=steps)
-    # Blocks for prefill_len + min(max_tokens - generated - 1, steps) tokens, less the
-    # prompt's blocks.
-    t = pre.max_tokens - pre.generated
-    t -= 1
-    np.minimum(t, steps, out=t)
-    np.maximum(t, 0, out=t)
-    t += pre.prefill_len
-    t += bs - 1
-    t //= bs
-    return int(_sum(t)) - int(_sum(_ceil_div(pre.prefill_len, bs)))
+    return PromptRows.of(pre, block_size).handoff(k, per_step, block_size, before)
 
 
 class WindowPlanner:
@@ -458,20 +569,25 @@ class WindowPlanner:
         return Window(k, pre_steps, pre_s, step, per_step)
 
     # ------------------------------------------------------------------ 2. demand
+    # ------------------------------------------------------------------ 2. demand
     def demand(self, ps: PrefillSums, n_prefill: int, d: DecodeSet, w: Window,
-               growth_each: np.ndarray | None, incoming: int) -> Demands:
+               growth_each: np.ndarray | None, incoming: int,
+               growth_sum: int | None = None) -> Demands:
         """Static + growth + margin per pool for window ``w``; ``growth_each`` (the decode
         set's per-request growth for ``w.k``) and ``incoming`` (:func:`handoff_growth`)
-        are computed when None / passed in by the caller, who may reuse them."""
+        are computed when None / passed in by the caller, who may reuse them, as it may
+        ``growth_sum`` (the sum of ``growth_each``)."""
         if growth_each is None:
             growth_each = (decode_growth(d, w.k, self.limits.block_size) if d.n
                            else d.remaining)
-        dec_growth = int(_sum(growth_each)) if d.n else 0
+            growth_sum = None
+        if growth_sum is None:
+            growth_sum = int(_sum(growth_each)) if d.n else 0
         pre_static = ps.blocks_held if n_prefill else 0
         pre_growth = ps.blocks_to_come if n_prefill else 0
         return Demands(pre_static, pre_growth, self._margin(pre_static + pre_growth, n_prefill > 0),
-                       d.blocks_held if d.n else 0, dec_growth, incoming,
-                       self._margin(d.blocks_held + dec_growth + incoming,
+                       d.blocks_held if d.n else 0, growth_sum, incoming,
+                       self._margin(d.blocks_held + growth_sum + incoming,
                                     d.n > 0 or incoming > 0),
                        growth_each)
 
@@ -494,39 +610,45 @@ class WindowPlanner:
         next arrival; ``window_end``: whether a shrink may be planned now;
         ``admission_rate_blocks_s``: blocks admitted per second lately (sizes the reserve
         a shrink keeps, see :class:`PlannerConfig`).
+
+        The running sets are summed once: the union with the admitted requests adds the
+        admitted prompts' sums to them and reuses what its window leaves unchanged.
         """
-        bs = self.limits.block_size
+        bs = int(self.limits.block_size)
         coef = Coefficients(*self.latency.c)
         supply = int(arena.supply_blocks)
         n_pre = prefill.ids.shape[0]
-        ps = prefill_sums(prefill, bs)
+        rows = PromptRows.of(prefill, bs)
+        ps = rows.sums
         d = decode_set(decode, self.predictor.predict(decode.ids, decode.generated,
                                                       decode.max_tokens))
         w = self.window(ps, n_pre, d, coef, now_s, next_arrival_s)                  # 1
         dem = self.demand(ps, n_pre, d, w, None,
-                          handoff_growth(prefill, w.k, w.prompt_per_step, bs))      # 2
+                          rows.handoff(w.k, w.prompt_per_step, bs))                 # 2
         deficit = dem.target - supply                                               # 3
         n_decode = d.n
         admit = 0
-        preempt = np.zeros(0, dtype=np.int64)
-        swap = np.zeros(0, dtype=bool)
+        preempt = swap = planned = None
         shortfall = 0
         if deficit <= 0 and waiting is not None and waiting.ids.shape[0]:
-            admit = self.admit(waiting, n_pre, ps, d, w, dem, -deficit)               # 5
+            admit, cand = self._admission(waiting, n_pre, ps, d, w, dem, -deficit)   # 5
             if admit:
-                w, dem, n_decode = self._with_admitted(prefill, ps, d, w, dem, waiting, admit,
-                                                       coef, now_s, next_arrival_s)
+                w, dem, n_decode = self._with_admitted(rows, ps, d, w, dem, waiting, admit,
+                                                       cand, coef, now_s, next_arrival_s)
                 over = dem.target - supply
                 if over > 0:   # rounding of margins only
                     dem.cut_margins(over)
         elif deficit > 0:
-            preempt, swap, shortfall = self.preempt(decode, d, dem, deficit)          # 4
+            preempt, swap, shortfall, planned = self._preempt(decode, d, dem, deficit)  # 4
+        if preempt is None:
+            preempt, swap = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool)
         plan = self._finish(w, n_decode, d.remaining, dem, admit, preempt, swap, shortfall,
                             arena, window_end, admission_rate_blocks_s, coef)
         nd = decode.ids.shape[0]
         if nd:
             plan.decode_ids = decode.ids
-            plan.decode_planned_blocks = decode.blocks + dem.decode_growth_each[:nd]
+            plan.decode_planned_blocks = (planned if planned is not None else
+                                          decode.blocks + dem.decode_growth_each[:nd])
         return plan
 
     # ------------------------------------------------------------------ 4. preemption
@@ -536,20 +658,30 @@ class WindowPlanner:
         decode requests in victim order (each frees its blocks and its growth) until it
         holds, then the hand-off growth, then the prefill growth. Updates ``dem``; returns
         ``(victim ids, swap flags, shortfall)``."""
-        preempt = np.zeros(0, dtype=np.int64)
-        swap = np.zeros(0, dtype=bool)
+        preempt, swap, shortfall, _ = self._preempt(decode, d, dem, deficit)
+        if preempt is None:
+            preempt, swap = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool)
+        return preempt, swap, shortfall
+
+    def _preempt(self, decode: RequestSet, d: DecodeSet, dem: Demands, deficit: int):
+        """:meth:`preempt`, plus each decode request's planned blocks (held + growth,
+        int64 ``[n]``) when it computed them, else None; no victims: None, None."""
+        preempt = swap = planned = None
         deficit = dem.cut_margins(deficit)
         if deficit > 0 and d.n:
             order = np.asarray(self.victim(decode, d.remaining), dtype=np.int64)
-            freed = np.cumsum((decode.blocks + dem.decode_growth_each)[order])
+            planned = decode.blocks + dem.decode_growth_each
+            freed = np.cumsum(planned[order])
             nv = min(int(np.searchsorted(freed, deficit, side="left")) + 1, d.n)
             victims = order[:nv]
-            deficit -= int(freed[nv - 1])
-            dem.decode_static -= int(decode.blocks[victims].sum())
-            dem.decode_growth -= int(dem.decode_growth_each[victims].sum())
+            gone = int(freed[nv - 1])
+            deficit -= gone
+            kv, held = decode.kv_len[victims], decode.blocks[victims]
+            gone_static = int(_sum(held))
+            dem.decode_static -= gone_static
+            dem.decode_growth -= gone - gone_static     # the victims' growth
             preempt = decode.ids[victims]
-            swap = np.asarray(self.preemption(decode.kv_len[victims], decode.blocks[victims],
-                                              self.limits.block_bytes, self.latency),
+            swap = np.asarray(self.preemption(kv, held, self.limits.block_bytes, self.latency),
                               dtype=bool)
         if deficit > 0 and dem.incoming:
             cut = min(deficit, dem.incoming)
@@ -561,7 +693,7 @@ class WindowPlanner:
             # left (never less than it holds) and the shortfall is reported.
             dem.prefill_growth -= min(deficit, dem.prefill_growth)
             shortfall = deficit
-        return preempt, swap, shortfall
+        return preempt, swap, shortfall, planned
 
     # ------------------------------------------------------------------ 5. admission
     def admit(self, waiting: RequestSet, n_prefill: int, ps: PrefillSums, d: DecodeSet,
@@ -574,28 +706,99 @@ class WindowPlanner:
         inside the window, plus its margin share; the first entrant of an empty pool pays
         that pool's ``margin_blocks``.
         """
-        cfg, lim = self.config, self.limits
-        bs = lim.block_size
+        return self._admission(waiting, n_prefill, ps, d, w, dem, leftover)[0]
+
+    def _admission(self, waiting: RequestSet, n_prefill: int, ps: PrefillSums, d: DecodeSet,
+                   w: Window, dem: Demands, leftover: int
+                   ) -> tuple[int, tuple[list[bool], list[int]] | None]:
+        """:meth:`admit`, plus the head of the queue's swapped flags and prompt lengths as
+        lists (None when the candidates were priced as arrays), which the union reuses."""
+        lim = self.limits
         room = lim.max_running - d.n - n_prefill
         if room <= 0:
-            return 0
+            return 0, None
         # The token budget of the batch in flight first (an empty batch always takes one):
-        # it usually leaves a handful of candidates to price.
-        sw = waiting.swapped[:room]
-        toks = np.cumsum(np.where(sw, 0, waiting.prefill_len[:room]))
-        n = int(np.searchsorted(toks, lim.max_prefill_tokens - ps.tokens_left, side="right"))
-        if n == 0 and n_prefill == 0:
-            n = 1
+        # it usually leaves a handful of candidates to price. Scanned in Python over the
+        # head of the queue; when more than _PY_ROWS candidates fit, numpy prices them.
+        limit = lim.max_prefill_tokens - ps.tokens_left
+        head = min(room, waiting.ids.shape[0], _PY_ROWS + 1)
+        sw = waiting.swapped[:head].tolist()
+        pl = waiting.prefill_len[:head].tolist()
+        toks, cum = [], 0
+        for s, p in zip(sw, pl):
+            if not s:
+                cum += p
+            if cum > limit:
+                break
+            toks.append(cum)
+        n = len(toks)
+        if n > _PY_ROWS:
+            return self._admission_arrays(waiting, room, n_prefill, ps, d, w, dem, leftover)
         if n == 0:
-            return 0
-        cand = _take(waiting, n)
-        sw = sw[:n]
+            if n_prefill:
+                return 0, None
+            n, toks = 1, [cum]
+        return self._price(waiting, n, sw[:n], pl[:n], toks, n_prefill, ps, d, w, dem,
+                           leftover), (sw, pl)
+
+    def _price(self, waiting: RequestSet, n: int, sw: list[bool], pl: list[int],
+               toks: list[int], n_prefill: int, ps: PrefillSums, d: DecodeSet, w: Window,
+               dem: Demands, leftover: int) -> int:
+        """The admission of up to ``n`` head candidates, as Python ints (``toks``: the
+        prompt tokens up to each, swapped entries counting none)."""
+        cfg, bs = self.config, int(self.limits.block_size)
+        bs1, k, pps, mf = bs - 1, w.k, w.prompt_per_step, cfg.margin_fraction
+        n_sw = sum(sw)
         # A swapped entry decodes for up to k steps; a prefill entry for the union's
         # window less its hand-off step. Upper bounds of what the recomputed plan counts:
         # the union's window ends by the hand-off of all n candidates (at the fewest prompt
         # tokens per step they can leave) unless min_decode_steps holds it open, and is
         # never longer than k; a candidate hands off no earlier than its prompt, chunked
         # after every prompt token ahead of it at this window's tokens per step.
+        before = ps.tokens_left
+        slowest = max(pps - n_sw, 1)
+        k_union = min(k, max(-(-(before + toks[-1]) // slowest), cfg.min_decode_steps))
+        if n_sw:
+            rem = np.asarray(self.predictor.predict(waiting.ids[:n], waiting.generated[:n],
+                                                    waiting.max_tokens[:n])).tolist()
+            kv = waiting.kv_len[:n].tolist()
+        bare, cost = [], []
+        for i in range(n):
+            if sw[i]:
+                r = rem[i]
+                b = (kv[i] + (r if r < k else k) + bs1) // bs
+            else:
+                h = -(-(before + toks[i]) // pps)
+                steps = k_union - (h if h > 1 else 1)
+                b = (pl[i] + (steps if steps > 0 else 0) + bs1) // bs
+            bare.append(b)
+            cost.append(b + math.ceil(mf * b))
+        if n_prefill == 0 and n_sw < n:
+            cost[sw.index(False)] += cfg.margin_blocks
+        if d.n == 0 and dem.incoming == 0:
+            cost[0] += cfg.margin_blocks
+        fit = total = 0
+        for c in cost:
+            total += c
+            if total > leftover:
+                break
+            fit += 1
+        if fit == 0 and d.n == 0 and n_prefill == 0 and bare[0] <= leftover:
+            fit = 1   # alone on the device: margins must not keep it out forever
+        return fit
+
+    def _admission_arrays(self, waiting: RequestSet, room: int, n_prefill: int,
+                          ps: PrefillSums, d: DecodeSet, w: Window, dem: Demands,
+                          leftover: int) -> tuple[int, None]:
+        """:meth:`_admission` when more than ``_PY_ROWS`` candidates fit the token budget:
+        the same prices, as arrays."""
+        cfg, lim = self.config, self.limits
+        bs = lim.block_size
+        sw = waiting.swapped[:room]
+        toks = np.cumsum(np.where(sw, 0, waiting.prefill_len[:room]))
+        n = int(np.searchsorted(toks, lim.max_prefill_tokens - ps.tokens_left, side="right"))
+        cand = _take(waiting, n)
+        sw = sw[:n]
         any_sw = bool(sw.any())
         ahead = ps.tokens_left + toks[:n]
         slowest = max(w.prompt_per_step - int(sw.sum()), 1)
@@ -616,40 +819,46 @@ class WindowPlanner:
             cost[0] += cfg.margin_blocks
         fit = int(np.searchsorted(np.cumsum(cost), leftover, side="right"))
         if fit == 0 and d.n == 0 and n_prefill == 0 and bare[0] <= leftover:
-            fit = 1   # alone on the device: margins must not keep it out forever
-        return fit
+            fit = 1
+        return fit, None
 
-    def _with_admitted(self, prefill: RequestSet, ps: PrefillSums, d: DecodeSet, w: Window,
-                       dem: Demands, waiting: RequestSet, admit: int, coef: Coefficients,
-                       now_s: float, next_arrival_s: float
+    def _with_admitted(self, rows: PromptRows, ps: PrefillSums, d: DecodeSet, w: Window,
+                       dem: Demands, waiting: RequestSet, admit: int, cand: tuple | None,
+                       coef: Coefficients, now_s: float, next_arrival_s: float
                        ) -> tuple[Window, Demands, int]:
         """Window and demand of the running sets joined by the first ``admit`` waiting
         requests (prompts join the prefill set, swapped ones the decode set); k may only
-        get smaller, so every demand stays within what :meth:`admit` counted. Sums and
-        per-request growth of the running sets are reused where k did not change. Returns
-        the window, the demands and the size of the joined decode set."""
-        bs = self.limits.block_size
-        new = _take(waiting, admit)
-        sw = new.swapped
-        if sw.any():
-            new_pre = _mask(new, ~sw)
-            back = _mask(new, sw)
+        get smaller, so every demand stays within what :meth:`admit` counted. The running
+        sets' sums are reused: the admitted prompts' sums are added to them, and the decode
+        set's per-request growth and the running prompts' hand-off growth are kept where k
+        (and the tokens per step) did not change. ``rows``: the running prefill set;
+        ``cand``: :meth:`_admission`'s lists. Returns the window, the demands and the size
+        of the joined decode set."""
+        bs = int(self.limits.block_size)
+        sw = cand[0][:admit] if cand is not None else waiting.swapped[:admit].tolist()
+        if any(sw):
+            new = _take(waiting, admit)
+            m = np.asarray(sw, dtype=bool)
+            new_pre = PromptRows.of(_mask(new, ~m), bs)
+            back = _mask(new, m)
             back.blocks = _ceil_div(back.kv_len, bs)
             d_all = join_decode(d, decode_set(back, self.predictor.predict(
                 back.ids, back.generated, back.max_tokens)))
         else:
-            new_pre, d_all = new, d
-        n_pre = prefill.ids.shape[0] + new_pre.ids.shape[0]
-        ps_all = ps + prefill_sums(new_pre, bs) if new_pre.ids.shape[0] else ps
+            new_pre, d_all = PromptRows.of(waiting, bs, admit), d
+        n_pre = rows.n + new_pre.n
+        ps_all = ps + new_pre.sums if new_pre.n else ps
         w2 = self.window(ps_all, n_pre, d_all, coef, now_s, next_arrival_s, k_cap=w.k)
-        growth = dem.decode_growth_each if (w2.k == w.k and d_all is d) else None
+        same_k = w2.k == w.k
+        growth, growth_sum = ((dem.decode_growth_each, dem.decode_growth)
+                              if same_k and d_all is d else (None, None))
         # The running prompts are chunked first, the admitted ones after them.
-        incoming = (dem.incoming if (w2.k, w2.prompt_per_step) == (w.k, w.prompt_per_step)
-                    else handoff_growth(prefill, w2.k, w2.prompt_per_step, bs))
-        incoming += handoff_growth(new_pre, w2.k, w2.prompt_per_step, bs, ps.tokens_left)
-        return w2, self.demand(ps_all, n_pre, d_all, w2, growth, incoming), d_all.n
+        incoming = (dem.incoming if same_k and w2.prompt_per_step == w.prompt_per_step
+                    else rows.handoff(w2.k, w2.prompt_per_step, bs))
+        incoming += new_pre.handoff(w2.k, w2.prompt_per_step, bs, ps.tokens_left)
+        return w2, self.demand(ps_all, n_pre, d_all, w2, growth, incoming, growth_sum), d_all.n
 
-    # ------------------------------------------------------------------ 6. shrink
+
     def shrink_decision(self, target: int, arena: ArenaState, window_end: bool,
                         admission_rate: float) -> tuple[bool, int]:
         """Whether to compact and unmap at this window end, and the reserve: blocks above
