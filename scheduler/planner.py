@@ -65,7 +65,9 @@ class PlannerConfig:
     ``arrival_reserve_s``: seconds of admissions, at the recent admission rate, whose
     blocks a shrink keeps mapped (the *reserve*), so the next window's arrivals find memory
     without a map call — each chunk unmapped at one window end and mapped again at the next
-    costs two driver calls and buys nothing.
+    costs two driver calls and buys nothing. Default 0: a constant in seconds is tuned to
+    one trace; the loop's background mapper keeps what arrivals take mapped ahead instead,
+    learned online (:mod:`scheduler.prefetch`).
     """
 
     block_size: int | None = None
@@ -78,7 +80,7 @@ class PlannerConfig:
     margin_fraction: float = 0.02
     margin_blocks: int = 1
     shrink_min_blocks: int | None = None
-    arrival_reserve_s: float = 0.25
+    arrival_reserve_s: float = 0.0
     victim: str | VictimOrder | None = None
     preemption: PreemptionMode | str | None = None
 
