@@ -166,3 +166,19 @@ def test_windowed_never_compacts_when_a_chunk_holds_one_block():
         assert c.finished == 40
         assert c.compaction_moves == 0 and c.shrinks == 0
         assert c.unmap_calls > 0 and arena.mapped_blocks == 0
+
+
+def test_budgets_lower_unused_lease_and_map_nothing():
+    """Decision.budgets never raises a lease or maps; it drops unused lease down to the
+    budget (never below what a pool holds)."""
+    from scheduler.decision import Decision
+
+    loop = make_loop(make_arena(64), memory="on-demand")
+    m = loop.metered
+    m.resize("prefill", 10)
+    m.open_sequence(99, "prefill", 3)
+    mapped = m.mapped_blocks
+    loop.carry_out(Decision(budgets=(40, 40)))
+    assert m.lease("prefill") == 10 and m.lease("decode") == 0 and m.mapped_blocks == mapped
+    loop.carry_out(Decision(budgets=(0, 0)))
+    assert m.lease("prefill") == 3 and m.mapped_blocks == mapped
