@@ -3,15 +3,18 @@ its own thread, so the thread that schedules model steps rarely waits on the dri
 
 The scheduling thread says what it expects to need (:meth:`BackgroundMapper.set_target`:
 a low and a high mark, in blocks) and goes on; the mapper thread maps chunks until the
-spare reaches the low mark and unmaps free chunks (batched, one device wait per batch)
-when the spare passes the high mark, down to the low mark. The band is the hysteresis: a
+spare reaches the low mark and unmaps free chunks (in batches of ``chunks_per_lock``, one
+device wait per batch) when the spare passes the high mark, down to the low mark. A new
+target is taken between batches, so a map that is needed never waits behind a long
+release. The band is the hysteresis: a
 spare that wobbles inside it costs no driver call. A lease raised into spare blocks needs
 no driver call; only a raise past the spare (a miss) maps on the caller's thread.
 
 Threads: the mapper takes ``arena.lock`` for each driver batch of at most
 ``chunks_per_lock`` chunks, so the scheduling thread waits at most one batch when it needs
 the arena. On CUDA an unmap waits for the work already queued on the device (the step in
-flight) before the memory goes; that wait happens here, not on the scheduling thread.
+flight) before the memory goes; that wait happens here, not on the scheduling thread
+(holding the lock, so a scheduling thread that needs the arena then waits with it).
 
 Errors: an error on the mapper thread (other than the arena being closed) is kept and
 raised by the next :meth:`set_target` / :meth:`wait` call, and the mapper stops.
@@ -37,7 +40,10 @@ class BackgroundMapper:
     ``batches`` arena calls it made.
     """
 
-    def __init__(self, arena, *, chunks_per_lock: int = 8) -> None:
+    #: chunks per batch (per hold of the arena lock) unless told otherwise
+    DEFAULT_CHUNKS_PER_LOCK = 8
+
+    def __init__(self, arena, *, chunks_per_lock: int = DEFAULT_CHUNKS_PER_LOCK) -> None:
         self.arena = arena
         self.chunks_per_lock = as_int(chunks_per_lock, "chunks_per_lock", minimum=1)
         self._cond = threading.Condition()
@@ -126,7 +132,10 @@ class BackgroundMapper:
                     cond.notify_all()
 
     def _reach(self, low: int, high: int) -> None:
+        # One batch of at most chunks_per_lock chunks per lock hold; a newer target is
+        # taken between batches, so a long release never holds up a map that is needed.
         arena = self.arena
+        releasing = False
         while True:
             with self._cond:
                 if self._pending or self._closed:
@@ -134,15 +143,16 @@ class BackgroundMapper:
             t0 = time.perf_counter()
             with arena.lock:
                 spare = arena.spare_blocks
+                n = 0
                 if spare < low:
                     n = arena.map_spare(low, self.chunks_per_lock)
                     self.chunks_mapped += n
-                elif spare > high:
-                    n = arena.release_free_chunks(keep_blocks=low)
+                elif spare > high or (releasing and spare > low):
+                    # past the band: give back down to the low mark (hysteresis)
+                    releasing = True
+                    n = arena.release_free_chunks(keep_blocks=low,
+                                                  max_chunks=self.chunks_per_lock)
                     self.chunks_unmapped += n
-                    n = 0   # one batched release per target
-                else:
-                    n = 0
             self.busy_s += time.perf_counter() - t0
             self.batches += 1
             if n == 0:

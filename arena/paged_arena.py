@@ -536,17 +536,22 @@ class PagedArena:
         return n
 
     @guarded
-    def release_free_chunks(self, keep_blocks: int = 0) -> int:
+    def release_free_chunks(self, keep_blocks: int = 0, max_chunks: int | None = None) -> int:
         """Unmap chunks that hold no owned block, highest first, without moving anything,
         while the mapped blocks still cover the leases plus ``keep_blocks`` spare blocks
-        (kept mapped for what comes next). Returns how many were unmapped.
+        (kept mapped for what comes next); at most ``max_chunks`` of them (None: no limit).
+        Returns how many were unmapped.
 
         Chunk 0 stays mapped while any other chunk is: every kernel's base pointer
         (``kv_cache(layer)``, ``blocks``) lies in it, and Triton's launcher refuses a pointer
         that no device memory maps."""
         keep_blocks = as_int(keep_blocks, "keep_blocks", minimum=0)
+        if max_chunks is not None:
+            max_chunks = as_int(max_chunks, "max_chunks", minimum=0)
         bpc = self.blocks_per_chunk
         spare = (self.mapped_blocks - self._leased - keep_blocks) // bpc
+        if max_chunks is not None:
+            spare = min(spare, max_chunks)
         if spare <= 0:
             return 0
         empty = self._chunk_mapped & ~(self._owner != FREE).reshape(self.num_chunks, bpc).any(axis=1)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from typing import Any, Callable
 
 import numpy as np
@@ -108,6 +109,12 @@ class MeteredArena:
         self.blocks_allocated = 0
         # inline: when the modeled mapper's queued driver work ends, on the loop's clock
         self._busy_until = self.clock.now
+        # inline: (clock s when mapped, blocks) of spare the mapper is still mapping
+        self._pending_spare: deque[tuple[float, int]] = deque()
+        # inline: one batch of the mapper thread (it takes the arena lock per batch)
+        self._batch_s = float(self.cost_model(ArenaOp(
+            "premap", 0.0, chunks_mapped=BackgroundMapper.DEFAULT_CHUNKS_PER_LOCK,
+            chunk_bytes=arena.chunk_bytes))) if mapper == "inline" else 0.0
         self._mapper: BackgroundMapper | None = None
         self._mapper_seen = (0.0, 0, 0)
         if mapper == "thread":
@@ -185,8 +192,13 @@ class MeteredArena:
         if target == p.lease:
             return
         a = self.arena
-        if target > p.lease:
-            self._wait_for_mapper()   # its new spare blocks, or the driver, are needed now
+        if target > p.lease and self.mapper_mode == "inline":
+            # The raise takes spare blocks (which the mapper may still be mapping) and maps
+            # the rest itself (the driver may be busy with the mapper's batch).
+            spare = a.mapped_blocks - a.leased_blocks
+            self._wait_for_spare(min(target - p.lease, spare))
+            if target - p.lease > spare:
+                self._wait_for_driver()
         if target < p.lease or target - p.lease <= a.mapped_blocks - a.leased_blocks:
             # Cheap path: a lowering, or a raise inside mapped memory, maps nothing, so no
             # arena statistics are needed (static's every grow takes it).
@@ -244,7 +256,8 @@ class MeteredArena:
         background mapper the emptied chunks are its to unmap (at the next
         :meth:`map_ahead`)."""
         a = self.arena
-        self._wait_for_mapper()
+        if self.mapper_mode == "inline":
+            self._wait_for_driver()
         # The kept blocks ride on the prefill lease through the shrink, so the chunks that
         # hold them stay mapped; the lease drops back after (lowering unmaps nothing).
         extra = max(0, min(int(keep_blocks), a.mapped_blocks - a.leased_blocks))
@@ -309,23 +322,34 @@ class MeteredArena:
             self._mapper.close()
             self._sync_thread_counters()
 
-    def _wait_for_mapper(self) -> None:
-        """The loop needs the driver or the mapper's new spare blocks: wait for the mapper's
-        queued work (inline: advance the clock to its end; thread: join it)."""
-        if self.mapper_mode == "inline":
-            wait = self._busy_until - self.clock.now
-            if wait > 0:
-                self.clock.now += wait
-                self.counters.mapper_wait_s += wait
-                self.counters.arena_time_s += wait
-        elif self._mapper is not None:
-            t0 = time.perf_counter()
-            self._mapper.wait()
-            wait = time.perf_counter() - t0
-            self.counters.mapper_wait_s += wait
-            self.counters.arena_time_s += wait
-            self.clock.now += wait
-            self._sync_thread_counters()
+    def _wait_for_spare(self, n: int) -> None:
+        """Inline mapper: ``n`` spare blocks are about to be leased; wait (on the clock,
+        critical path) until enough of the spare the mapper is still mapping is mapped."""
+        pending = self._pending_spare
+        now = self.clock.now
+        while pending and pending[0][0] <= now:
+            pending.popleft()
+        if not pending or n <= 0:
+            return
+        ready = self.arena.spare_blocks - sum(b for _, b in pending)
+        until = now
+        for t, b in pending:
+            if ready >= n:
+                break
+            ready += b
+            until = t
+        self._wait(until - now)
+
+    def _wait_for_driver(self) -> None:
+        """Inline mapper: the loop makes a driver call of its own; the mapper's batch in
+        flight (at most ``chunks_per_lock`` chunks) finishes first."""
+        self._wait(min(self._busy_until - self.clock.now, self._batch_s))
+
+    def _wait(self, seconds: float) -> None:
+        if seconds > 0:
+            self.clock.now += seconds
+            self.counters.mapper_wait_s += seconds
+            self.counters.arena_time_s += seconds
 
     def _sync_thread_counters(self) -> None:
         m = self._mapper
@@ -428,7 +452,14 @@ class MeteredArena:
             c.unmap_calls += op.chunks_unmapped
             c.background_maps += int(op.chunks_mapped > 0)
             c.background_unmaps += int(op.chunks_unmapped > 0)
-            self._busy_until = max(self._busy_until, self.clock.now) + cost
+            now = self.clock.now
+            if op.chunks_mapped:
+                # Maps go ahead of queued unmaps (the thread takes a new target between
+                # batches): they start once the batch in flight is done.
+                start = now + min(max(self._busy_until - now, 0.0), self._batch_s)
+                self._pending_spare.append((start + cost,
+                                            op.chunks_mapped * self.blocks_per_chunk))
+            self._busy_until = max(self._busy_until, now) + cost
             if self._on_event is not None:
                 if op.chunks_mapped:
                     self._on_event(EVENT_MAP)

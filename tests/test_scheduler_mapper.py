@@ -182,3 +182,30 @@ def test_budgets_lower_unused_lease_and_map_nothing():
     assert m.lease("prefill") == 10 and m.lease("decode") == 0 and m.mapped_blocks == mapped
     loop.carry_out(Decision(budgets=(0, 0)))
     assert m.lease("prefill") == 3 and m.mapped_blocks == mapped
+
+
+def test_inline_mapper_waits_only_for_what_a_raise_needs():
+    """A raise into spare the mapper is still mapping waits for that map; a raise into
+    spare mapped long ago does not wait behind the mapper's unmaps; a miss waits at most
+    one of the mapper's batches for the driver."""
+    from scheduler.costs import ModeledGPUCost
+
+    cost = ModeledGPUCost()
+    m = MeteredArena(make_arena(64), mapper="inline", cost_model=cost)
+    bpc = m.blocks_per_chunk
+    m.map_ahead(10 * bpc)                       # 10 chunks queued at t = 0
+    assert m.clock.now == 0 and m.arena.spare_blocks == 10 * bpc
+    m.resize("prefill", bpc)                    # needs them: waits for the map
+    first = m.clock.now
+    assert first == pytest.approx(10 * cost.map_s_per_chunk + cost.op_overhead_s)
+    m.resize("prefill", 0)
+    m.clock.now += 1.0
+    m.map_ahead(2 * bpc, 2 * bpc)               # 8 chunks to unmap, in the background
+    assert m.arena.spare_blocks == 2 * bpc and m._busy_until > m.clock.now
+    t = m.clock.now
+    m.resize("prefill", 2 * bpc)                # spare mapped long ago: no wait
+    assert m.clock.now == t
+    m.resize("prefill", 3 * bpc)                # a miss: the driver after one batch
+    waited = m.counters.mapper_wait_s - first
+    assert 0 < waited <= m._batch_s
+    assert m.counters.map_misses == 1
