@@ -33,6 +33,7 @@ import hashlib
 import io
 import json
 import multiprocessing
+import resource
 import sys
 import time
 import traceback
@@ -168,6 +169,7 @@ def run_one(spec: RunSpec, single_thread: bool = False) -> dict:
         tail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
         raise RuntimeError(tail) from exc
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB on Linux
     if status != 0:
         lines = err.getvalue().strip().splitlines() or ["(no error output)"]
         raise RuntimeError(f"kv-replay exited with status {status}: {lines[-1][-2000:]}")
@@ -176,6 +178,8 @@ def run_one(spec: RunSpec, single_thread: bool = False) -> dict:
     rec = {"trace": spec.trace, "budget": spec.budget, "fraction": spec.fraction,
            "policy": spec.policy, "kv_budget_gib": doc["setup"]["kv_budget_gib"],
            "config": config, "config_hash": config_hash(config), "wall_s": wall, "cpu_s": cpu,
+           # the process's peak: this run's own when it had a fresh process
+           "process_max_rss_gib": rss,
            "trace_info": doc["trace"], "summary": doc["policies"][0]}
     cli_checks.write_all_or_nothing(spec.folder,
                                     {"run.json": lambda p: report.write_json(p, rec)})
@@ -205,14 +209,38 @@ class SweepResult:
     skipped: list
 
 
+def memory_estimate_gib(spec: RunSpec) -> float:
+    """Host memory a run is expected to peak at (GiB), for :func:`execute`'s memory limit.
+    A preempting run's swapped KV and the arena pages it copies into stay resident, up to
+    about its KV budget: measured 7.8 GiB peak RSS at a 6.1 GiB budget (mooncake_synthetic,
+    on-demand, 1/8 of peak live); runs at the default budget preempt rarely (~1 GiB)."""
+    return 1.0 if spec.kv_budget_gib is None else 1.0 + 1.3 * spec.kv_budget_gib
+
+
+def available_memory_gib() -> float | None:
+    """``MemAvailable`` of /proc/meminfo in GiB (None where it cannot be read)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def execute(traces: Sequence[tuple[str, Path]], out: Path, policies: Sequence[str],
             fractions: Sequence[float], extra: Sequence[str], *, jobs: int = 1,
-            force: bool = False, ignore_code: bool = False,
-            runner: Callable[..., dict] = run_one, log=print) -> SweepResult:
+            force: bool = False, ignore_code: bool = False, memory_gib: float | None = None,
+            inline: bool = False, runner: Callable[..., dict] = run_one,
+            log=print) -> SweepResult:
     """Run every (trace, budget, policy) not already stored; ``traces``: (name, CSV path)
     pairs. Each trace's static default run is scheduled first: its peak live KV sets the
-    scarce budgets. ``runner(spec, single_thread)`` does one run (module-level, so worker
-    processes can load it). Returns what was run, skipped, stored and failed."""
+    scarce budgets. Each run gets a fresh worker process (so its memory is returned and its
+    peak RSS is its own), at most ``jobs`` at once and, where ``memory_gib`` is given, at
+    most that much :func:`memory_estimate_gib` at once (a run that needs more runs alone).
+    ``inline``: run in this process instead (tests). ``runner(spec, single_thread)`` does one
+    run (module-level, so workers can load it). Returns what was run, skipped, stored and
+    failed."""
     code = code_fingerprint()
     shas = {name: file_sha256(path) for name, path in traces}
     order = {name: i for i, (name, _) in enumerate(traces)}
@@ -223,19 +251,26 @@ def execute(traces: Sequence[tuple[str, Path]], out: Path, policies: Sequence[st
 
     res = SweepResult({}, [], [], [])
     ready: list[RunSpec] = []
-    for name, path in traces:
-        ready += [spec(name, path, None, None, p) for p in policies]
+    running: dict[cf.Future, RunSpec] = {}
 
-    def priority(s: RunSpec):   # static defaults first (they unlock budgets), then by trace
-        return (not (s.fraction is None and s.policy == "static"), order[s.trace])
+    def enqueue(specs) -> None:
+        """Queue runs; a stored one (same configuration) counts as finished at once."""
+        for s in specs:
+            rec = None if force else stored_run(s, ignore_code=ignore_code)
+            if rec is None:
+                ready.append(s)
+                continue
+            res.skipped.append(s.name)
+            log(f"up to date: {s.name}")
+            finished(s, rec)
 
     def finished(s: RunSpec, rec: dict) -> None:
         res.records[(s.trace, s.budget, s.policy)] = rec
         if s.fraction is None and s.policy == "static":
             peak = rec["summary"]["live_peak_gib"]
             path = dict(traces)[s.trace]
-            ready.extend(spec(s.trace, path, f, round(peak * f, 6), p)
-                         for f in fractions for p in policies)
+            enqueue(spec(s.trace, path, f, round(peak * f, 6), p)
+                    for f in fractions for p in policies)
 
     def failed(s: RunSpec, error: str) -> None:
         res.failures.append({"trace": s.trace, "budget": s.budget, "policy": s.policy,
@@ -248,20 +283,31 @@ def execute(traces: Sequence[tuple[str, Path]], out: Path, policies: Sequence[st
                                          "policy": p, "error": "not run: the static run at the "
                                          "default budget failed, so the budget is unknown"})
 
-    pool = (InlineExecutor() if jobs == 1 else cf.ProcessPoolExecutor(
-        jobs, mp_context=multiprocessing.get_context("spawn")))
-    running: dict[cf.Future, RunSpec] = {}
+    def priority(s: RunSpec):   # static defaults first (they unlock budgets), then by trace
+        return (not (s.fraction is None and s.policy == "static"), order[s.trace])
+
+    def fits(s: RunSpec) -> bool:
+        if memory_gib is None or not running:
+            return True
+        held = sum(memory_estimate_gib(r) for r in running.values())
+        return held + memory_estimate_gib(s) <= memory_gib
+
+    enqueue(spec(name, path, None, None, p) for name, path in traces for p in policies)
+    if not inline:
+        # Workers fork from a server that has imported the replay once (torch included, no
+        # threads started yet), so a fresh process per run costs milliseconds, not an import.
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["bench.scarce_sweep", "bench.replay"])
+    pool = (InlineExecutor() if inline else cf.ProcessPoolExecutor(
+        jobs, mp_context=ctx, max_tasks_per_child=1))
     with pool:
         while ready or running:
             ready.sort(key=priority)
             while ready and len(running) < jobs:
-                s = ready.pop(0)
-                rec = None if force else stored_run(s, ignore_code=ignore_code)
-                if rec is not None:
-                    res.skipped.append(s.name)
-                    log(f"up to date: {s.name}")
-                    finished(s, rec)
-                    continue
+                i = next((i for i, r in enumerate(ready) if fits(r)), None)
+                if i is None:
+                    break                   # the next runs wait for memory
+                s = ready.pop(i)
                 log(f"running: {s.name}")
                 try:
                     running[pool.submit(runner, s, jobs > 1)] = s
@@ -346,6 +392,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--with-max-tokens", action="store_true",
                     help="also sweep windowed:max_tokens")
     ap.add_argument("--jobs", type=int, default=1, help="runs in parallel (worker processes)")
+    ap.add_argument("--memory-gib", type=float, default=None,
+                    help="host memory the runs at once may be expected to use (GiB; default "
+                         "0.8 x MemAvailable at start); a run that needs more runs alone")
     ap.add_argument("--force", action="store_true", help="rerun runs already stored")
     ap.add_argument("--ignore-code-changes", action="store_true",
                     help="reuse stored runs made by other code (same arguments and trace)")
@@ -388,13 +437,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         except SystemExit:
             raise ValueError("kv-replay options after --: "
                              + err.getvalue().strip().splitlines()[-1]) from None
+        memory = args.memory_gib
+        if memory is not None:
+            cli_checks.check_number("--memory-gib", memory, 0, 1 << 20, lo_open=True)
+        else:
+            avail = available_memory_gib()
+            memory = None if avail is None else 0.8 * avail
         traces = resolve_traces(args.trace)
         out = cli_checks.check_out_dir(args.out)
     except ValueError as exc:
         ap.error(str(exc))
     t0 = time.perf_counter()
     res = execute(traces, out, policies, fractions, extra, jobs=args.jobs, force=args.force,
-                  ignore_code=args.ignore_code_changes,
+                  ignore_code=args.ignore_code_changes, memory_gib=memory,
                   log=lambda m: print(f"[{time.perf_counter() - t0:7.1f} s] {m}",
                                       file=sys.stderr, flush=True))
     names = [n for n, _ in traces]

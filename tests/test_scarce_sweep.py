@@ -32,7 +32,7 @@ def _burst(tmp_path, name: str, n: int = 48, seed: int = 0):
 def _execute(tmp_path, trace_paths, out, *, extra=TINY, **kw):
     named = scarce_sweep.resolve_traces([str(p) for p in trace_paths])
     return scarce_sweep.execute(named, out, list(POLICIES), [0.25], list(extra),
-                                log=lambda m: None, **kw)
+                                inline=True, log=lambda m: None, **kw)
 
 
 def _fail_on_scarce_on_demand(spec, single_thread=False):
@@ -120,37 +120,47 @@ def test_a_failed_run_is_reported_and_the_others_are_written(tmp_path, capsys):
 
 
 def test_parallel_results_match_serial_and_a_broken_trace_fails_alone(tmp_path, capsys):
-    """--jobs 2 gives the same files as --jobs 1, in (trace, budget, policy) order; a trace
-    whose CSV is broken fails its static default run, its scarce runs are reported as not
-    run, and the other traces are still written (exit status 1)."""
+    """--jobs 2 (worker processes) gives the same files as running each replay in turn in
+    this process, in (trace, budget, policy) order; a trace whose CSV is broken fails its
+    static default run, its scarce runs are reported as not run, and the other traces are
+    still written (exit status 1)."""
+    from bench import scarce_report
+
     a, b = _burst(tmp_path, "a", n=40, seed=2), _burst(tmp_path, "b", n=32, seed=3)
     bad = tmp_path / "broken.csv"
     bad.write_text("arrival_s,prompt_tokens,output_tokens\n0,10,x\n")
-    docs = []
-    for jobs in (1, 2):
-        out = tmp_path / f"jobs{jobs}"
-        argv = ["--trace", str(a), "--trace", str(bad), "--trace", str(b), "--out", str(out),
-                "--jobs", str(jobs), "--fraction", "0.25", "--policy", "on-demand",
-                "--policy", "windowed:empirical", "--", *TINY]
-        assert scarce_sweep.main(argv) == 1
-        docs.append((json.loads((out / "scarce.json").read_text()),
-                     (out / "scarce.md").read_text()))
-        for tr in ("a", "b"):
-            assert (out / f"scarce_{tr}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        assert not (out / "scarce_broken.png").exists()     # nothing to plot
-        assert (out / "scarce.png").stat().st_size > 10_000
-    (j1, md1), (j2, md2) = docs
+    policies = ["static", "on-demand"]
+    out = tmp_path / "jobs2"
+    argv = ["--trace", str(a), "--trace", str(bad), "--trace", str(b), "--out", str(out),
+            "--jobs", "2", "--fraction", "0.25", "--policy", "on-demand", "--", *TINY]
+    assert scarce_sweep.main(argv) == 1
+    j2, md2 = json.loads((out / "scarce.json").read_text()), (out / "scarce.md").read_text()
+    for tr in ("a", "b"):
+        assert (out / f"scarce_{tr}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "scarce_broken.png").exists()     # nothing to plot
+    assert (out / "scarce.png").stat().st_size > 10_000
+
+    serial = tmp_path / "serial"
+    named = scarce_sweep.resolve_traces([str(a), str(bad), str(b)])
+    res = scarce_sweep.execute(named, serial, policies, [0.25], TINY, inline=True,
+                               log=lambda m: None)
+    ents = scarce_sweep.entries(res, [n for n, _ in named], policies, [0.25])
+    md1 = scarce_report.write(serial, ents, res.failures, command="", plot_files=False)
+    j1 = json.loads((serial / "scarce.json").read_text())
     assert md1 == md2
     assert j1["entries"] == j2["entries"] and j1["failures"] == j2["failures"]
-    assert [(e["trace"], e["budget"]) for e in j1["entries"]] == [
+    assert [(e["trace"], e["budget"]) for e in j2["entries"]] == [
         ("a", "default"), ("a", "live_peak_x0.25"), ("b", "default"), ("b", "live_peak_x0.25")]
-    assert [p["policy"] for p in j1["entries"][0]["policies"]] == list(POLICIES)
-    failed = [(f["trace"], f["budget"], f["policy"]) for f in j1["failures"]]
+    assert [p["policy"] for p in j2["entries"][0]["policies"]] == policies
+    failed = [(f["trace"], f["budget"], f["policy"]) for f in j2["failures"]]
     assert failed[0] == ("broken", "default", "static")
     assert set(failed) == {("broken", bud, p) for bud in ("default", "live_peak_x0.25")
-                           for p in POLICIES}
-    assert "## Failed runs" in md1 and "broken" in md1
-    assert "| a | default" in md1 and "| b | 0.25 x peak live" in md1
+                           for p in policies}
+    assert "## Failed runs" in md2 and "line 2" in md2
+    assert "| a | default" in md2 and "| b | 0.25 x peak live" in md2
+    # each run had its own worker process: its peak RSS is recorded
+    rec = json.loads((out / "a" / "default" / "static" / "run.json").read_text())
+    assert 0 < rec["process_max_rss_gib"] < 8
 
 
 def test_no_plot_writes_tables_only(tmp_path):
