@@ -13,8 +13,10 @@ summary). The budgets: the default, then each fraction of the peak live KV that 
 reached at the default budget (``--kv-budget-gib``), so a trace's scarce runs start once its
 static default run is done.
 
-Runs go to ``--jobs`` worker processes; results are gathered in (trace, budget, policy)
-order whatever order they finish in. A run whose ``run.json`` records the same
+Runs go to ``--jobs`` worker processes, a fresh one per run (its memory returned after it,
+its peak RSS recorded), and no more at once than ``--memory-gib`` is expected to hold (a
+preempting run keeps up to about its KV budget of swapped and copied KV in host memory);
+results are gathered in (trace, budget, policy) order whatever order they finish in. A run whose ``run.json`` records the same
 configuration hash is skipped (the hash covers the replay's arguments, the trace file's
 bytes and the source of the code a replay runs), so an interrupted sweep resumes and a code
 change reruns everything; ``--force`` reruns regardless. A failed run is reported with its
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import contextlib
+import copy
 import hashlib
 import io
 import json
@@ -346,7 +349,7 @@ def entries(result: SweepResult, traces: Sequence[str], policies: Sequence[str],
             recs = [r for r in recs if r is not None]
             if not recs:
                 continue
-            summaries = [json.loads(json.dumps(r["summary"])) for r in recs]   # copies
+            summaries = [copy.deepcopy(r["summary"]) for r in recs]
             report.common_denominator(summaries, "static")
             windowed = [p for p in policies if p.startswith("windowed")]
             target = "windowed:empirical" if "windowed:empirical" in windowed else (

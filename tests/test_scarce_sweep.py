@@ -52,6 +52,7 @@ def test_budgets_come_from_static_peak_and_scarce_runs_preempt(tmp_path):
         assert rec["kv_budget_gib"] == pytest.approx(peak * 0.25, rel=1e-4)
         assert "--kv-budget-gib" in rec["config"]["replay_argv"]
         assert (out / "burst" / "live_peak_x0.25" / p.replace(":", "_") / "replay.json").is_file()
+        assert rec["summary"]["mapped_peak_gib"] <= rec["kv_budget_gib"] + 1e-9
     assert res.records[("burst", "live_peak_x0.25", "on-demand")]["summary"]["preemptions"] > 0
     ents = scarce_sweep.entries(res, ["burst"], list(POLICIES), [0.25])
     assert [e["budget"] for e in ents] == ["default", "live_peak_x0.25"]
