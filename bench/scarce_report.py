@@ -115,18 +115,19 @@ def plot(entries: Sequence[dict], path: Path, traces: Sequence[str] | None = Non
 
 
 def write(out: Path, entries: Sequence[dict], failures: Sequence[dict], *, command: str,
-          plot_files: bool = True) -> str:
+          plot_files: bool = True, runs: Sequence[dict] = ()) -> str:
     """Write ``scarce.json``, ``scarce.md`` and (``plot_files``) ``scarce.png`` plus
     ``scarce_<trace>.png`` per trace into ``out``, all or nothing. The JSON keeps each
-    policy's summary without its raw counters (the per-run ``replay.json`` keeps them).
-    Returns the Markdown text."""
+    policy's summary without its raw counters (the per-run ``replay.json`` keeps them), and
+    ``runs`` (each run's cost: wall and CPU seconds, peak RSS; not in the Markdown, which
+    depends on the results only). Returns the Markdown text."""
     from bench import cli_checks, report
 
     text = markdown(entries, failures)
     small = [{**e, "policies": [{k: v for k, v in p.items() if k not in ("counters", "info")}
                                 | {"rejected": p.get("info", {}).get("rejected", 0)}
                                 for p in e["policies"]]} for e in entries]
-    doc = {"command": command, "entries": small, "failures": list(failures)}
+    doc = {"command": command, "entries": small, "failures": list(failures), "runs": list(runs)}
     writers = {"scarce.json": lambda p: report.write_json(p, doc),
                "scarce.md": lambda p: p.write_text(text)}
     if plot_files and entries:

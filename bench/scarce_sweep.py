@@ -456,10 +456,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                   log=lambda m: print(f"[{time.perf_counter() - t0:7.1f} s] {m}",
                                       file=sys.stderr, flush=True))
     names = [n for n, _ in traces]
+    budgets = [budget_label(f) for f in (None, *fractions)]
+
+    def _order(key):
+        return names.index(key[0]), budgets.index(key[1]), policies.index(key[2])
+
     ents = entries(res, names, policies, fractions)
     command = "python -m bench.scarce_sweep " + " ".join(given)
+    runs = [{"trace": k[0], "budget": k[1], "policy": k[2], "kv_budget_gib": r["kv_budget_gib"],
+             "wall_s": r["wall_s"], "cpu_s": r.get("cpu_s"),
+             "process_max_rss_gib": r.get("process_max_rss_gib"),
+             "stored": f"{k[0]} / {k[1]} / {k[2]}" in res.skipped}
+            for k, r in sorted(res.records.items(), key=lambda kv: _order(kv[0]))]
     text = scarce_report.write(out, ents, res.failures, command=command,
-                               plot_files=not args.no_plot)
+                               plot_files=not args.no_plot, runs=runs)
     print(text)
     wall = time.perf_counter() - t0
     run_wall = sum(res.records[k]["wall_s"] for k in res.records

@@ -159,6 +159,11 @@ def test_parallel_results_match_serial_and_a_broken_trace_fails_alone(tmp_path, 
                            for p in policies}
     assert "## Failed runs" in md2 and "line 2" in md2
     assert "| a | default" in md2 and "| b | 0.25 x peak live" in md2
+    # scarce.json lists each run's cost in (trace, budget, policy) order
+    assert [(r["trace"], r["budget"], r["policy"]) for r in j2["runs"]] == [
+        (t, bud, p) for t in ("a", "b") for bud in ("default", "live_peak_x0.25")
+        for p in policies]
+    assert all(r["cpu_s"] > 0 and not r["stored"] for r in j2["runs"])
     # each run had its own worker process: its peak RSS is recorded
     rec = json.loads((out / "a" / "default" / "static" / "run.json").read_text())
     assert 0 < rec["process_max_rss_gib"] < 8
