@@ -87,6 +87,7 @@ def plot(entries: Sequence[dict], path: Path, traces: Sequence[str] | None = Non
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     traces = list(traces or dict.fromkeys(e["trace"] for e in entries))
     fig, axes = plt.subplots(2, len(traces), figsize=(4.8 * len(traces), 6.5), squeeze=False)
@@ -104,8 +105,12 @@ def plot(entries: Sequence[dict], path: Path, traces: Sequence[str] | None = Non
         axes[0][j].set_ylabel("preemptions")
         axes[0][j].set_yscale("symlog", linthresh=1)
         axes[1][j].set_ylabel("TPOT p99 (ms)")
+        budgets = sorted({e["kv_budget_gib"] for e in es})
         for ax in (axes[0][j], axes[1][j]):
             ax.set_xscale("log")
+            # ticks at the budgets replayed, plain numbers (log axes' minor labels overlap)
+            ax.set_xticks(budgets, [f"{b:.3g}" for b in budgets])
+            ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_xlabel("KV budget (GiB)")
             ax.grid(True, alpha=0.3, which="both")
         axes[0][j].legend(fontsize=7)
