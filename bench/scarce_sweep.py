@@ -231,6 +231,20 @@ def available_memory_gib() -> float | None:
     return None
 
 
+def pick_next(ready: Sequence[RunSpec], running: Sequence[RunSpec],
+              memory_gib: float | None) -> int | None:
+    """Index of the first run in ``ready`` whose :func:`memory_estimate_gib` fits beside the
+    ``running`` ones within ``memory_gib`` (None: no limit); with nothing running, the first
+    run whatever it needs (it then runs alone). None when nothing fits now."""
+    if not ready:
+        return None
+    if memory_gib is None or not running:
+        return 0
+    held = sum(memory_estimate_gib(r) for r in running)
+    return next((i for i, r in enumerate(ready) if held + memory_estimate_gib(r) <= memory_gib),
+                None)
+
+
 def execute(traces: Sequence[tuple[str, Path]], out: Path, policies: Sequence[str],
             fractions: Sequence[float], extra: Sequence[str], *, jobs: int = 1,
             force: bool = False, ignore_code: bool = False, memory_gib: float | None = None,
@@ -289,12 +303,6 @@ def execute(traces: Sequence[tuple[str, Path]], out: Path, policies: Sequence[st
     def priority(s: RunSpec):   # static defaults first (they unlock budgets), then by trace
         return (not (s.fraction is None and s.policy == "static"), order[s.trace])
 
-    def fits(s: RunSpec) -> bool:
-        if memory_gib is None or not running:
-            return True
-        held = sum(memory_estimate_gib(r) for r in running.values())
-        return held + memory_estimate_gib(s) <= memory_gib
-
     enqueue(spec(name, path, None, None, p) for name, path in traces for p in policies)
     if not inline:
         # Workers fork from a server that has imported the replay once (torch included, no
@@ -307,7 +315,7 @@ def execute(traces: Sequence[tuple[str, Path]], out: Path, policies: Sequence[st
         while ready or running:
             ready.sort(key=priority)
             while ready and len(running) < jobs:
-                i = next((i for i, r in enumerate(ready) if fits(r)), None)
+                i = pick_next(ready, list(running.values()), memory_gib)
                 if i is None:
                     break                   # the next runs wait for memory
                 s = ready.pop(i)

@@ -169,6 +169,21 @@ def test_parallel_results_match_serial_and_a_broken_trace_fails_alone(tmp_path, 
     assert 0 < rec["process_max_rss_gib"] < 8
 
 
+def test_runs_at_once_stay_within_the_memory_limit():
+    def run(budget):
+        return scarce_sweep.RunSpec("t", "t.csv", "", None if budget is None else 0.25, budget,
+                                    "static", (), "", "out")
+    big, small, default = run(10.0), run(1.0), run(None)
+    assert scarce_sweep.memory_estimate_gib(big) > scarce_sweep.memory_estimate_gib(small) \
+        > scarce_sweep.memory_estimate_gib(default)
+    pick = scarce_sweep.pick_next
+    assert pick([big], [], 4.0) == 0                    # alone, even over the limit
+    assert pick([big, small], [default], 6.0) == 1      # the big one waits, the small one fits
+    assert pick([big], [small], 6.0) is None
+    assert pick([big], [big], None) == 0                # no limit
+    assert pick([], [], 6.0) is None
+
+
 def test_no_plot_writes_tables_only(tmp_path):
     out = tmp_path / "out"
     trace = _burst(tmp_path, "burst", n=24)
