@@ -457,30 +457,3 @@ def test_scarce_targets_pick_the_regime_and_compare_with_on_demand():
     w["preemptions"] = 6
     assert [r["met"] for r in report.check_scarce_targets([st, od, w])] == [False, True, True]
     assert report.check_scarce_targets([st, w]) == []
-
-
-def test_scarce_sweep_replays_each_budget_and_gathers_the_table(tmp_path):
-    from bench import scarce_sweep
-    from bench.synth_traces import write_trace
-
-    rng = np.random.default_rng(5)
-    # arrivals within 50 ms: tiny-model steps take ~0.5 ms, so requests overlap enough that
-    # half the peak live KV is still over one chunk
-    trace = traces.Trace("burst", "test", np.sort(rng.uniform(0, 0.05, 30)),
-                         rng.integers(100, 400, 30), rng.integers(50, 200, 30))
-    path = write_trace(trace, tmp_path / "burst.csv")
-    out = tmp_path / "sweep"
-    assert scarce_sweep.main(["--trace", str(path), "--fraction", "0.5", "--out", str(out),
-                              "--", "--policy", "static", "--policy", "on-demand",
-                              "--policy", "windowed:oracle", *TINY]) == 0
-    doc = json.loads((out / "scarce.json").read_text())
-    default, half = doc["entries"]
-    assert default["label"] == "default" and half["label"] == "0.5 x peak live"
-    assert half["kv_budget_gib"] == pytest.approx(0.5 * default["live_peak_gib"], rel=0.01)
-    for p in half["policies"]:
-        assert p["mapped_peak_gib"] <= half["kv_budget_gib"] + 1e-9
-    md = (out / "scarce.md").read_text()
-    assert md.count("| windowed:oracle |") == 2 and "Issue 9 targets" in md
-    assert (out / "scarce.png").read_bytes()[:4] == b"\x89PNG"
-    with pytest.raises(SystemExit):
-        scarce_sweep.main(["--trace", str(path), "--fraction", "2", "--out", str(out)])
