@@ -116,7 +116,7 @@ class RunSpec:
         """The ``kv-replay`` arguments of this run."""
         argv = ["--trace", self.trace_path, "--policy", self.policy]
         if self.kv_budget_gib is not None:
-            argv += ["--kv-budget-gib", f"{self.kv_budget_gib:.6f}"]
+            argv += ["--kv-budget-gib", f"{self.kv_budget_gib:.9g}"]
         return argv + ["--quiet", "--no-plot", *self.extra, "--out", str(self.folder)]
 
     def config(self) -> dict:
@@ -286,7 +286,7 @@ def execute(traces: Sequence[tuple[str, Path]], out: Path, policies: Sequence[st
         if s.fraction is None and s.policy == "static":
             peak = rec["summary"]["live_peak_gib"]
             path = dict(traces)[s.trace]
-            enqueue(spec(s.trace, path, f, round(peak * f, 6), p)
+            enqueue(spec(s.trace, path, f, float(f"{peak * f:.6g}"), p)
                     for f in fractions for p in policies)
 
     def failed(s: RunSpec, error: str) -> None:

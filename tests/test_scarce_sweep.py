@@ -20,11 +20,12 @@ POLICIES = ("static", "on-demand", "windowed:empirical")
 
 
 def _burst(tmp_path, name: str, n: int = 48, seed: int = 0):
-    """``n`` requests arriving within 0.2 s, 100-400 prompt and 100-250 output tokens: a
-    peak live KV of ~15-25 MiB, so 1/4 of it is a few 2 MiB chunks, and decode growth makes
-    the policies preempt there."""
+    """``n`` requests arriving within 0.02 s (the simulated tiny model steps in well under a
+    millisecond), 100-400 prompt and 100-250 output tokens: a peak live KV of several 2 MiB
+    chunks, so 1/4 of it is at least one chunk, and decode growth makes the policies
+    preempt there."""
     rng = np.random.default_rng(seed)
-    t = traces.Trace(name, "test", np.sort(rng.uniform(0, 0.2, n)), rng.integers(100, 400, n),
+    t = traces.Trace(name, "test", np.sort(rng.uniform(0, 0.02, n)), rng.integers(100, 400, n),
                      rng.integers(100, 250, n))
     return traces.write_trace(t, tmp_path / f"{name}.csv")
 
