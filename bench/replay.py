@@ -462,7 +462,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--arrival-reserve-s", type=float, default=None,
                    help="windowed: seconds of admissions (at the recent rate) whose blocks a "
                         "shrink keeps mapped for the next window (default: the scheduler's, "
-                        "0.25 s; 0 follows live memory as closely as possible)")
+                        "0: the background mapper's learned prefetch does this)")
+    p.add_argument("--max-decode-steps", type=int, default=None,
+                   help="windowed: the longest decode window in steps (default: the "
+                        "scheduler's, 256); shorter windows reserve less growth")
+    p.add_argument("--margin-fraction", type=float, default=None,
+                   help="windowed: safety margin on each pool's demand, a share of it "
+                        "(default: the scheduler's, 0.02)")
     p.add_argument("--mapper", default="inline", choices=("off", "inline", "thread"),
                    help="background mapper of the elastic policies: maps ahead of need and "
                         "unmaps off the step loop (inline: modeled on the host; off: every "
@@ -635,6 +641,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup.mapper = args.mapper
         cli_checks.check_number("--prefetch-quantile", args.prefetch_quantile, 0.0, 1.0)
         setup.prefetch_quantile = args.prefetch_quantile
+        planner = None
+        knobs = {k: v for k, v in (("shrink_min_blocks", args.shrink_min_blocks),
+                                    ("arrival_reserve_s", args.arrival_reserve_s),
+                                    ("max_decode_steps", args.max_decode_steps),
+                                    ("margin_fraction", args.margin_fraction)) if v is not None}
+        if knobs:
+            from scheduler.planner import PlannerConfig
+            planner = PlannerConfig(**knobs)
         # last, so a bad argument creates no folder; still before any compute
         out = cli_checks.check_out_dir(args.out)
     except (ValueError, TypeError) as exc:
@@ -645,15 +659,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"(prompt + max_tokens; the longest needs {longest} tokens)")
         head.append(note)
         print(f"kv-replay: {note}", file=sys.stderr)
-    planner = None
-    knobs = {k: v for k, v in (("shrink_min_blocks", args.shrink_min_blocks),
-                                ("arrival_reserve_s", args.arrival_reserve_s)) if v is not None}
     if knobs:
-        from scheduler.planner import PlannerConfig
-        try:
-            planner = PlannerConfig(**knobs)
-        except (ValueError, TypeError) as exc:
-            parser.error(str(exc))
         head.append("windowed planner: " + ", ".join(f"{k}={v}" for k, v in knobs.items()))
     from scheduler.planner import PlannerConfig
     effective = planner if planner is not None else PlannerConfig()
@@ -683,7 +689,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # depends on what the defaults are when it is read
         "setup": {**setup.describe(),
                   "shrink_min_blocks": effective.shrink_min_blocks,
-                  "arrival_reserve_s": effective.arrival_reserve_s},
+                  "arrival_reserve_s": effective.arrival_reserve_s,
+                  "max_decode_steps": effective.max_decode_steps,
+                  "margin_fraction": effective.margin_fraction},
         "wall_s": wall,
         "definitions": report.measures.__doc__,
         "policies": summaries,

@@ -81,6 +81,10 @@ def no_replay(monkeypatch):
     (["--step-bias", "inf"], "--step-bias"),
     (["--seed", "-1"], "--seed"),
     (["--seed", str(1 << 64)], "--seed"),
+    (["--max-decode-steps", "0"], "max_decode_steps"),
+    (["--margin-fraction", "-1"], "margin_fraction"),
+    (["--prefetch-quantile", "1.5"], "--prefetch-quantile"),
+    (["--prefetch-quantile", "nan"], "--prefetch-quantile"),
 ])
 def test_absurd_numbers_are_one_line_errors(tmp_path, capsys, no_replay, extra, words):
     _fails(["--trace", str(_trace(tmp_path)), "--out", str(tmp_path / "o"), "--quiet", *extra],
