@@ -57,6 +57,10 @@ class PagedArena:
         backend: a ready :class:`DeviceMemory` (tests inject failures or a fake driver this way).
         compact_fn: the compaction kernel, ``(blocks, src, dst, block_tables) -> None``;
             default :func:`kernels.compact_blocks`.
+        swap_copies: False for simulations whose blocks hold nothing worth keeping (a host
+            replay's step model writes no KV): :meth:`swap_out` then returns a zero-copy
+            view of the right shape and :meth:`swap_in` checks it and copies nothing, so a
+            swap-heavy simulation does not hold its swapped KV in host memory. Default True.
 
     Threads: every public method (and those of its pools and tables) takes :attr:`lock`, so
     threads may share one arena; hold :attr:`lock` yourself to make several calls atomic.
@@ -69,7 +73,8 @@ class PagedArena:
                  device_limit_bytes: int | None = None, max_seqs: int = 256,
                  max_model_len: int | None = None, max_blocks_per_seq: int | None = None,
                  granularity: int | None = None, chunk_bytes: int | None = None,
-                 backend: DeviceMemory | None = None, compact_fn: Callable | None = None):
+                 backend: DeviceMemory | None = None, compact_fn: Callable | None = None,
+                 swap_copies: bool = True):
         if not isinstance(spec, KVSpec):
             raise TypeError(f"spec must be a KVSpec, got {type(spec).__name__}")
         max_bytes = as_int(max_bytes, "max_bytes")
@@ -131,6 +136,7 @@ class PagedArena:
         if compact_fn is None:
             from kernels import compact_blocks as compact_fn
         self._compact = compact_fn
+        self._swap_copies = bool(swap_copies)
         self.tables = BlockTables(max_seqs, min(width, self.capacity_blocks), self.device,
                                   num_blocks=self.capacity_blocks, guard=self._guard)
 
@@ -570,6 +576,9 @@ class PagedArena:
         ids = self._ids(block_ids)
         if ids.size and (self._owner[ids] == FREE).any():
             raise ArenaError("block_ids must all be owned blocks")
+        if not self._swap_copies:
+            # nothing worth copying: a zero-strided view of the right shape and dtype
+            return torch.zeros((), dtype=self.spec.dtype).expand(ids.size, *self.spec.block_shape)
         index = torch.from_numpy(ids).to(self.device)
         data = self._blocks.index_select(0, index)
         if self.device.type == "cpu":
@@ -589,6 +598,8 @@ class PagedArena:
                              f"got {tuple(data.shape)} {data.dtype}")
         if ids.size and (self._owner[ids] == FREE).any():
             raise ArenaError("block_ids must all be owned blocks")
+        if not self._swap_copies:
+            return
         index = torch.from_numpy(ids).to(self.device)
         self._blocks.index_copy_(0, index, data.to(self.device, non_blocking=True))
 

@@ -341,7 +341,11 @@ def run_policy(setup: ReplaySetup, trace: Trace, policy: str, *, progress: bool 
                        device_limit_bytes=setup.device_limit_bytes,
                        max_seqs=setup.max_running,
                        max_blocks_per_seq=spec.blocks_for(longest),
-                       compact_fn=remap_tables_only if setup.copy_free_compaction else None)
+                       compact_fn=remap_tables_only if setup.copy_free_compaction else None,
+                       # likewise no swapped bytes are kept (the cost model still charges
+                       # them): a swap-heavy replay would otherwise hold its KV budget on
+                       # the host
+                       swap_copies=not setup.copy_free_compaction)
     # CUDA: compile the compaction kernel now, so JIT time is not charged to the first shrink.
     warm_up_compaction(arena)
     # The planner's model is a prior fitted online; the steps take the simulated GPU's time.
