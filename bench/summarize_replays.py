@@ -2,9 +2,8 @@
 
 Run: ``python -m bench.summarize_replays [results/replay folder]``. Prints the targets matrix
 (windowed:empirical against static on each full trace), issue 9's targets at each trace's
-default budget, the arrival-reserve sweep on the
-Azure trace, and each trace's full table with its plot, so the document is regenerated from
-the numbers rather than typed.
+default budget, and each trace's full table with its plot, so the document is regenerated
+from the numbers rather than typed.
 """
 from __future__ import annotations
 
@@ -47,28 +46,6 @@ def issue9_matrix(docs: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def reserve_sweep(root: Path, default_doc: dict) -> str:
-    """windowed:empirical on the Azure trace for each arrival reserve that was replayed."""
-    rows = []
-    for path in sorted(root.glob("azure_conv_2023_reserve*")):
-        doc = _load(path)
-        rows.append((float(path.name.split("reserve")[1]), doc["policies"][0]))
-    default = next(p for p in default_doc["policies"] if p["policy"] == "windowed:empirical")
-    reserve = default_doc["setup"].get("arrival_reserve_s")
-    if reserve is None:
-        raise ValueError("the Azure result does not record its arrival_reserve_s")
-    rows.append((reserve, default))
-    # The sweep replays windowed alone (no static to share a denominator with): every row
-    # uses the policy's own live KV.
-    lines = ["| arrival_reserve_s | mapped / own live (time avg) | map calls | "
-             "map+unmap+compact time |", "|---:|---:|---:|---:|"]
-    for reserve, p in sorted(rows, key=lambda r: r[0]):
-        own = p.get("mapped_to_own_live_avg", p["mapped_to_live_avg"])
-        lines.append(f"| {reserve:g} | {own:.3f}x | {p['map_calls']:,.0f} | "
-                     f"{100 * p['arena_time_frac']:.3f}% |")
-    return "\n".join(lines)
-
-
 def trace_sections(root: Path, docs: dict[str, dict]) -> str:
     """Per trace: size, replayed time, the plot and the full metrics table."""
     out = []
@@ -92,9 +69,6 @@ def main(argv=None) -> int:
         return 1
     print("## Targets\n\n" + targets_matrix(docs) + "\n")
     print("## Issue 9 targets at the default budget\n\n" + issue9_matrix(docs) + "\n")
-    if "azure_conv_2023" in docs:
-        print("## Arrival reserve on the Azure trace\n\n"
-              + reserve_sweep(root, docs["azure_conv_2023"]) + "\n")
     print("## Results per trace\n\n" + trace_sections(root, docs))
     return 0
 
