@@ -17,7 +17,8 @@ flight) before the memory goes; that wait happens here, not on the scheduling th
 (holding the lock, so a scheduling thread that needs the arena then waits with it).
 
 Errors: an error on the mapper thread (other than the arena being closed) is kept and
-raised by the next :meth:`set_target` / :meth:`wait` call, and the mapper stops.
+raised by the next :meth:`BackgroundMapper.set_target` / :meth:`wait` call, after which the
+mapper takes no more targets; :meth:`close` does not raise it.
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ class BackgroundMapper:
         self._cond = threading.Condition()
         self._low = 0
         self._high = 0
+        self._limit: int | None = None
         self._pending = False
         self._busy = False
         self._closed = False
@@ -61,19 +63,24 @@ class BackgroundMapper:
         self._thread.start()
 
     # ------------------------------------------------------------------ caller's side
-    def set_target(self, low_blocks: int, high_blocks: int | None = None) -> None:
+    def set_target(self, low_blocks: int, high_blocks: int | None = None,
+                   limit_blocks: int | None = None) -> None:
         """Keep at least ``low_blocks`` spare blocks mapped and unmap free chunks once the
-        spare exceeds ``high_blocks`` (default ``low_blocks``). Returns at once; raises the
-        mapper thread's last error, if any. ValueError when high < low."""
+        spare exceeds ``high_blocks`` (default ``low_blocks``), never mapping beyond
+        ``limit_blocks`` mapped blocks in all (a cap; leases that grow meanwhile count).
+        Returns at once; raises the mapper thread's last error, if any. ValueError when
+        high < low."""
         low = as_int(low_blocks, "low_blocks", minimum=0)
         high = low if high_blocks is None else as_int(high_blocks, "high_blocks", minimum=0)
         if high < low:
             raise ValueError(f"high_blocks ({high}) must be >= low_blocks ({low})")
+        if limit_blocks is not None:
+            limit_blocks = as_int(limit_blocks, "limit_blocks", minimum=0)
         with self._cond:
             self._raise_error()
             if self._closed:
                 raise RuntimeError("the mapper is closed")
-            self._low, self._high = low, high
+            self._low, self._high, self._limit = low, high, limit_blocks
             self._pending = True
             self._cond.notify_all()
 
@@ -109,17 +116,22 @@ class BackgroundMapper:
 
     # ------------------------------------------------------------------ mapper thread
     def _run(self) -> None:
+        if self.arena.device.type == "cuda":
+            import torch
+
+            # driver calls from this thread need the arena's device current here too
+            torch.cuda.set_device(self.arena.device)
         cond = self._cond
         while True:
             with cond:
                 cond.wait_for(lambda: self._pending or self._closed)
                 if self._closed:
                     return
-                low, high = self._low, self._high
+                low, high, limit = self._low, self._high, self._limit
                 self._pending = False
                 self._busy = True
             try:
-                self._reach(low, high)
+                self._reach(low, high, limit)
             except ArenaClosed:
                 with cond:
                     self._closed = True
@@ -131,7 +143,7 @@ class BackgroundMapper:
                     self._busy = False
                     cond.notify_all()
 
-    def _reach(self, low: int, high: int) -> None:
+    def _reach(self, low: int, high: int, limit: int | None = None) -> None:
         # One batch of at most chunks_per_lock chunks per lock hold; a newer target is
         # taken between batches, so a long release never holds up a map that is needed.
         arena = self.arena
@@ -143,9 +155,14 @@ class BackgroundMapper:
             t0 = time.perf_counter()
             with arena.lock:
                 spare = arena.spare_blocks
+                want = low if limit is None else min(low, max(limit - arena.leased_blocks, 0))
                 n = 0
-                if spare < low:
-                    n = arena.map_spare(low, self.chunks_per_lock)
+                if spare < want:
+                    # whole chunks only while they stay under the limit
+                    room = None if limit is None else max(
+                        (limit - arena.mapped_blocks) // arena.blocks_per_chunk, 0)
+                    n = arena.map_spare(want, self.chunks_per_lock if room is None
+                                        else min(room, self.chunks_per_lock))
                     self.chunks_mapped += n
                 elif spare > high or (releasing and spare > low):
                     # past the band: give back down to the low mark (hysteresis)

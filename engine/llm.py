@@ -76,8 +76,10 @@ class LLM:
             granularity of the host (CPU) arena in bytes (small values make tests map,
             unmap and compact often). cuda_graphs: capture decode steps (CUDA only).
         background_mapper: map ahead of need and unmap on a separate thread
-            (:class:`arena.BackgroundMapper`) for the elastic policies, so a step waits on
-            the driver only when a block was not mapped ahead.
+            (:class:`arena.BackgroundMapper`), so a step of an elastic policy waits on the
+            driver only when a block was not mapped ahead (``static`` maps once and gives
+            it nothing to do). Untested on a GPU: a decode graph captured while the
+            mapper unmaps may be invalidated.
     """
 
     def __init__(self, model: Any, device: str | torch.device = "cpu", *, block_size: int = 16,

@@ -421,6 +421,7 @@ class EngineLoop:
             self.step()
             steps += 1
         self.metrics.end_s = self.now
+        self.metered.sync_background()
         if self.idle:
             self._sample(EVENT_END)
         return self.metrics
@@ -579,8 +580,9 @@ class EngineLoop:
                 need = self.spec.blocks_for(r.prefill_len)
                 if self._prefill and tokens + r.prefill_len > self.max_prefill_tokens:
                     break
-            if (need + watermark + committed > self.metered.free_blocks()
-                    and (self._prefill or self._decode)):
+            # what admit() checks too: free memory plus the prefill pool's unused lease
+            room_blocks = self.metered.free_blocks() + self.metered.unused_lease(PREFILL)
+            if need + watermark + committed > room_blocks and (self._prefill or self._decode):
                 break
             if not self.admit(r):
                 break

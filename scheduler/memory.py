@@ -26,9 +26,11 @@ returns as a :class:`~scheduler.decision.Decision` that the loop carries out.
   engine goes idle.
 
 With a background mapper (``LoopConfig.mapper``), both elastic policies map ahead what the
-next step will take (exactly, from the batch in flight) plus what admissions took lately
-(:class:`~scheduler.prefetch.PrefetchLearner`), and their releases are done by the mapper,
-batched, down to that target (:meth:`MemoryPolicy.spare_target`).
+running requests of the batch in flight will take next (decode rows opening a block, next
+prompt chunks; what preemptions and admissions change is not foreseen) plus what
+admissions took lately (:class:`~scheduler.prefetch.PrefetchLearner`), and their releases
+are done by the mapper, in batches, once the spare passes the top of its hysteresis band
+(:meth:`MemoryPolicy.spare_target`).
 
 The hooks (every one but :meth:`MemoryPolicy.grow` has a default):
 ``start()`` once; ``decide(view) -> Decision | None`` before each step;
@@ -117,8 +119,10 @@ class MemoryPolicy:
         """Called after every model step."""
 
     def spare_target(self, view: QueueView) -> int | None:
-        """Spare (mapped, unleased) blocks the background mapper should keep while the step
-        just launched runs (None, the default: no mapping ahead)."""
+        """Called when a step is launched (after its batch allocated its blocks): spare
+        (mapped, unleased) blocks the background mapper should keep while it runs (None,
+        the default: no mapping ahead). The elastic policies also carry out the releases
+        they deferred here: a subclass that overrides it calls ``super()``."""
         return None
 
 
@@ -333,9 +337,9 @@ class WindowedMemory(_ReleaseAfterAdmissions):
         budgets this is the plan being followed; past them it is an emergency grow (the
         plan under-predicted), counted."""
         a = self.arena
+        a.lower_to(DECODE if pool == PREFILL else PREFILL, 0)   # unused lease first
         # The budgets are judged together: a hand-off moves lease from prefill to decode.
         over = a.leased_blocks + n > sum(self.budgets)
-        a.lower_to(DECODE if pool == PREFILL else PREFILL, 0)   # unused lease first
         if not a.grow(pool, n):
             return False
         if over and not admission:

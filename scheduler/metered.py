@@ -195,20 +195,23 @@ class MeteredArena:
         if target > p.lease and self.mapper_mode == "inline":
             # The raise takes spare blocks (which the mapper may still be mapping) and maps
             # the rest itself (the driver may be busy with the mapper's batch).
-            spare = a.mapped_blocks - a.leased_blocks
+            spare = a.spare_blocks
             self._wait_for_spare(min(target - p.lease, spare))
             if target - p.lease > spare:
                 self._wait_for_driver()
-        if target < p.lease or target - p.lease <= a.mapped_blocks - a.leased_blocks:
-            # Cheap path: a lowering, or a raise inside mapped memory, maps nothing, so no
-            # arena statistics are needed (static's every grow takes it).
-            t0 = time.perf_counter()
-            p.resize(target)
-            self._charge(ArenaOp("lease", time.perf_counter() - t0))
-            return
-        if kind == "resize":
-            self.counters.map_misses += 1
-        self._measured(kind, lambda: p.resize(target))
+        t0 = time.perf_counter()
+        # Under the lock: a mapper thread must not unmap the spare between the check and
+        # the raise (the raise would then map, uncounted).
+        with a.lock:
+            if target < p.lease or target - p.lease <= a.spare_blocks:
+                # Cheap path: a lowering, or a raise inside mapped memory, maps nothing, so
+                # no arena statistics are needed (static's every grow takes it).
+                p.resize(target)
+                self._charge(ArenaOp("lease", time.perf_counter() - t0))
+                return
+            if kind == "resize":
+                self.counters.map_misses += 1
+            self._measured(kind, lambda: p.resize(target), t0=t0)
 
     def lower_to(self, pool: str, target: int) -> None:
         """Lower ``pool``'s lease to ``max(target, blocks it holds)`` (no-op if already
@@ -276,8 +279,8 @@ class MeteredArena:
     def release_free_chunks(self) -> int:
         """Unmap every chunk that holds no block, while the mapped blocks still cover the
         leases (no compaction). Returns the chunks unmapped. With a background mapper the
-        unmaps are deferred to it (batched at the next :meth:`map_ahead`, down to its
-        spare target) and this returns 0."""
+        unmaps are deferred to it (at the next :meth:`map_ahead`, in batches, once the
+        spare passes the top of its band, down to its target) and this returns 0."""
         self.counters.release_calls += 1
         if self.mapper_mode != "off":
             return 0
@@ -299,7 +302,7 @@ class MeteredArena:
                 if high_blocks is None else max(int(high_blocks), target))
         if mode == "thread":
             self._sync_thread_counters()
-            self._mapper.set_target(target, high)
+            self._mapper.set_target(target, high, self._cap_blocks)
             return
         spare = a.spare_blocks
         if spare < target:
@@ -320,6 +323,11 @@ class MeteredArena:
         """Stop a ``"thread"`` mapper (after its current batch) and book its last work."""
         if self._mapper is not None:
             self._mapper.close()
+            self._sync_thread_counters()
+
+    def sync_background(self) -> None:
+        """Book a ``"thread"`` mapper's work so far into the counters (no-op otherwise)."""
+        if self._mapper is not None:
             self._sync_thread_counters()
 
     def _wait_for_spare(self, n: int) -> None:
@@ -412,14 +420,17 @@ class MeteredArena:
 
     # ------------------------------------------------------------------ metering
     def _measured(self, kind: str, fn: Callable[[], Any], *, bytes_copied: int = 0,
-                  background: bool = False) -> Any:
+                  background: bool = False, t0: float | None = None) -> Any:
         """Run an arena call; charge what it mapped, unmapped, moved and copied (to the
-        background mapper's account with ``background``)."""
+        background mapper's account with ``background``). The wall time runs from ``t0``
+        (default: now, before taking the arena lock, so a wait behind a mapper thread's
+        batch is the caller's time too)."""
         a = self.arena
+        if t0 is None:
+            t0 = time.perf_counter()
         # Under the lock: a mapper thread's calls must not land between the two readings.
         with a.lock:
             before = a.stats()
-            t0 = time.perf_counter()
             try:
                 return fn()
             finally:

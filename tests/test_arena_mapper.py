@@ -197,3 +197,19 @@ def test_close_from_several_threads_is_safe():
         t.join()
     assert not m._thread.is_alive()
     a.close()
+
+
+def test_background_mapper_never_maps_past_its_limit():
+    a = tiny_arena(8)
+    p = a.pool("decode")
+    with BackgroundMapper(a) as m:
+        m.set_target(8 * BPC, 8 * BPC, limit_blocks=3 * BPC)
+        assert m.wait(5)
+        assert a.mapped_chunks == 3
+        p.resize(2 * BPC + 4)                  # leases grow: the limit still holds
+        m.set_target(4 * BPC, 8 * BPC, limit_blocks=3 * BPC)
+        assert m.wait(5)
+        assert a.mapped_chunks == 3
+        with pytest.raises(ValueError, match="limit_blocks"):
+            m.set_target(1, 2, limit_blocks=-1)
+    a.close()
