@@ -526,7 +526,7 @@ class PagedArena:
         spare_blocks = as_int(spare_blocks, "spare_blocks", minimum=0)
         if max_chunks is not None:
             max_chunks = as_int(max_chunks, "max_chunks", minimum=0)
-        short = spare_blocks - (self.mapped_blocks - self._leased)
+        short = spare_blocks - self.spare_blocks
         if short <= 0:
             return 0
         n = min(math.ceil(short / self.blocks_per_chunk), self.num_chunks - self.mapped_chunks,
@@ -555,7 +555,7 @@ class PagedArena:
         if max_chunks is not None:
             max_chunks = as_int(max_chunks, "max_chunks", minimum=0)
         bpc = self.blocks_per_chunk
-        spare = (self.mapped_blocks - self._leased - keep_blocks) // bpc
+        spare = (self.spare_blocks - keep_blocks) // bpc
         if max_chunks is not None:
             spare = min(spare, max_chunks)
         if spare <= 0:

@@ -174,7 +174,7 @@ class LoopConfig:
             raise ValueError(f"sample_every must be an int >= 0, got {self.sample_every!r}")
         if self.mapper not in MAPPER_MODES:
             raise ValueError(f"mapper must be one of {MAPPER_MODES}, got {self.mapper!r}")
-        if not (isinstance(self.mapper_slack, (int, float)) and 0 <= self.mapper_slack < 1e9):
+        if not (isinstance(self.mapper_slack, (int, float)) and 0 <= self.mapper_slack < math.inf):
             raise ValueError(f"mapper_slack must be a finite number >= 0, got "
                              f"{self.mapper_slack!r}")
         if not (isinstance(self.prefetch_quantile, (int, float))

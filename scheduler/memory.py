@@ -169,13 +169,10 @@ class _ReleaseAfterAdmissions(MemoryPolicy):
         if not self._release_pending:
             return
         self._release_pending = False
-        self._lower_leases()
-        self.arena.release_free_chunks()
-
-    def _lower_leases(self) -> None:
-        """Lower the leases before a release (default: to what the pools hold)."""
+        # unused lease first goes back to the arena, so its chunks can be released
         self.arena.lower_to(PREFILL, 0)
         self.arena.lower_to(DECODE, 0)
+        self.arena.release_free_chunks()
 
     @staticmethod
     def _idle(view: QueueView) -> bool:
@@ -220,7 +217,7 @@ class OnDemandMemory(_ReleaseAfterAdmissions):
         # device leaves less.
         a.lower_to(DECODE if pool == PREFILL else PREFILL, 0)
         step = a.blocks_per_chunk * self.settings.on_demand_chunks
-        spare = a.mapped_blocks - a.leased_blocks
+        spare = a.spare_blocks
         # Without a mapper the lease takes every spare block (each later raise is free);
         # with one, just what is needed, so the spare stays the mapper's to size.
         if spare >= n:

@@ -159,6 +159,11 @@ class MeteredArena:
         """Blocks ``pool`` holds now."""
         return self.pools[pool].num_owned
 
+    @property
+    def spare_blocks(self) -> int:
+        """Mapped blocks no lease covers (:attr:`arena.PagedArena.spare_blocks`)."""
+        return self.arena.spare_blocks
+
     def unused_lease(self, pool: str) -> int:
         """Blocks of ``pool``'s lease it does not hold: what it can allocate without growing."""
         p = self.pools[pool]
@@ -263,7 +268,7 @@ class MeteredArena:
             self._wait_for_driver()
         # The kept blocks ride on the prefill lease through the shrink, so the chunks that
         # hold them stay mapped; the lease drops back after (lowering unmaps nothing).
-        extra = max(0, min(int(keep_blocks), a.mapped_blocks - a.leased_blocks))
+        extra = max(0, min(int(keep_blocks), a.spare_blocks))
         p = self.pools[PREFILL]
         base = p.lease
         self.resize(PREFILL, base + extra)
